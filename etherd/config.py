@@ -1,0 +1,331 @@
+"""Typed configuration: defaults, then a TOML file, then ``ETHERD_*`` variables, then flags.
+
+Every limit etherd enforces is a field here with its default; ``conf/etherd.toml`` documents
+each one with its unit, and a test keeps the two in step. Unknown keys are errors that name
+the key, in the file and in the environment alike.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+
+__all__ = [
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "HttpConfig",
+    "LogConfig",
+    "MetricsConfig",
+    "RealtimeConfig",
+    "RetentionRule",
+    "ServerConfig",
+    "StoreConfig",
+    "TasksConfig",
+    "WsConfig",
+    "load",
+]
+
+Pos = Annotated[int, msgspec.Meta(ge=1)]
+NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+PosFloat = Annotated[float, msgspec.Meta(gt=0)]
+NonNegFloat = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names the key and the reason."""
+
+
+class _Section(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    pass
+
+
+class ServerConfig(_Section):
+    host: str = "127.0.0.1"
+    port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    # Base for the absolute callback URLs in execution bundles; empty means http://host:port.
+    public_url: str = ""
+    data_dir: str = "data"
+    # How long a stop waits for in-flight requests before closing what is left.
+    shutdown_grace_s: PosFloat = 10.0
+    # WebSocket clients are closed in batches spread over this window on a graceful stop.
+    drain_window_s: NonNegFloat = 1.0
+    max_connections: Pos = 50_000
+
+
+class HttpConfig(_Section):
+    max_header_bytes: Pos = 16 * 1024
+    max_headers: Pos = 100
+    max_body_bytes: Pos = 1024 * 1024
+    # A request must arrive whole within this time, or the connection gets 408 and closes.
+    request_timeout_s: PosFloat = 30.0
+    keepalive_timeout_s: PosFloat = 75.0
+    # Requests received on one connection but not yet answered; past it reading pauses.
+    max_pipelined: Pos = 32
+    # Requests being handled across the whole server; past it new requests get 503.
+    max_inflight: Pos = 10_000
+    # Unsent response bytes per connection (SSE included) before reading pauses or,
+    # for SSE streams, the stream is dropped as a slow consumer.
+    max_pending_bytes: Pos = 4 * 1024 * 1024
+
+
+class WsConfig(_Section):
+    # Largest message a client may send (after reassembling fragments); larger closes 1009.
+    max_message_bytes: Pos = 64 * 1024
+    max_topics_per_connection: Pos = 1_000
+    # Wildcard subscriptions are costlier to match; each connection may hold this many.
+    max_patterns_per_connection: Pos = 16
+    # Unsent bytes per connection; past it the connection is closed with 4008.
+    max_pending_bytes: Pos = 8 * 1024 * 1024
+    max_connections_per_subject: Pos = 10_000
+    # A connection that sent nothing for this long is pinged; one that then stays silent
+    # for ping_timeout_s more is dropped with 1011... see etherd.errors.
+    ping_interval_s: PosFloat = 20.0
+    ping_timeout_s: PosFloat = 20.0
+    handshake_timeout_s: PosFloat = 5.0
+    # Subscribers written to per loop iteration; a larger fan-out yields to other work.
+    fanout_slice: Pos = 2_000
+
+
+class AuthConfig(_Section):
+    # HS256 shared secret. Empty means no HS256 tokens.
+    secret: str = ""
+    # PEM files with RS256 or ES256 public keys.
+    public_keys: list[str] = msgspec.field(default_factory=list)
+    # PEM file with a private key, used only by `etherd token` when no secret is set.
+    private_key: str = ""
+    # None: on only when no secret or key is configured and the listener is on loopback.
+    dev: bool | None = None
+    require_exp: bool = True
+    issuer: str = ""
+    audience: str = ""
+    leeway_s: NonNegFloat = 30.0
+    # Allowed X-Ether-Harness-App values; empty allows any non-empty value.
+    harness_apps: list[str] = msgspec.field(default_factory=list)
+
+
+class RetentionRule(_Section):
+    prefix: str
+    max_age_s: NonNegFloat = 0.0
+    max_count: NonNeg = 0
+
+
+class StoreConfig(_Section):
+    # sqlite:///path/to/file.db or postgresql://user@host:port/db; empty: SQLite in data_dir.
+    url: str = ""
+    migrate_on_start: bool = True
+    batch_max_rows: Pos = 5_000
+    # A batch is committed once it is this old even if it is not full (0 = as soon as the
+    # writer is free, which is what group commit wants).
+    batch_max_delay_ms: NonNegFloat = 0.0
+    # Appends waiting for a commit; past it publishes fail fast with 503.
+    queue_max_rows: Pos = 200_000
+    pool_size: Pos = 4
+    connect_timeout_s: PosFloat = 5.0
+    retry_max_delay_s: PosFloat = 5.0
+    retention: list[RetentionRule] = msgspec.field(default_factory=list)
+    retention_interval_s: PosFloat = 60.0
+
+
+class RealtimeConfig(_Section):
+    prefer_websocket: bool = True
+    # A resume that would replay more than this answers recovered: false instead.
+    replay_max_events: Pos = 10_000
+    sse_heartbeat_s: PosFloat = 15.0
+    max_publish_batch: Pos = 10_000
+
+
+class TasksConfig(_Section):
+    lease_s: PosFloat = 60.0
+    sweep_interval_s: PosFloat = 1.0
+    max_prompt_bytes: Pos = 64 * 1024
+    max_user_message_bytes: Pos = 8 * 1024
+
+
+class LogConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["text", "json"] = "text"
+    access_log: bool = False
+
+
+class MetricsConfig(_Section):
+    # When true, /metrics needs an admin token.
+    require_admin: bool = True
+
+
+class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    server: ServerConfig = msgspec.field(default_factory=ServerConfig)
+    http: HttpConfig = msgspec.field(default_factory=HttpConfig)
+    ws: WsConfig = msgspec.field(default_factory=WsConfig)
+    auth: AuthConfig = msgspec.field(default_factory=AuthConfig)
+    store: StoreConfig = msgspec.field(default_factory=StoreConfig)
+    realtime: RealtimeConfig = msgspec.field(default_factory=RealtimeConfig)
+    tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    log: LogConfig = msgspec.field(default_factory=LogConfig)
+    metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
+
+    @property
+    def store_url(self) -> str:
+        """The store URL, defaulting to an SQLite file inside the data directory."""
+        if self.store.url:
+            return self.store.url
+        return "sqlite:///" + str(Path(self.server.data_dir) / "etherd.db")
+
+    @property
+    def public_url(self) -> str:
+        """Base URL for absolute links handed to harnesses, without a trailing slash."""
+        if self.server.public_url:
+            return self.server.public_url.rstrip("/")
+        host = self.server.host
+        if ":" in host:
+            host = f"[{host}]"
+        return f"http://{host}:{self.server.port}"
+
+    @property
+    def dev_auth(self) -> bool:
+        """Whether the development token ``test`` is accepted (contract section 2)."""
+        if self.auth.dev is not None:
+            return self.auth.dev
+        return not (self.auth.secret or self.auth.public_keys) and is_loopback(self.server.host)
+
+
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses that only this machine can reach."""
+    return host in LOOPBACK_HOSTS or host.startswith("127.")
+
+
+DEFAULT_CONFIG_PATH = Path("conf/etherd.toml")
+ENV_PREFIX = "ETHERD_"
+# Variables with this prefix that are not configuration keys.
+_ENV_NOT_KEYS = frozenset({"ETHERD_CONFIG"})
+
+
+def load(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the effective configuration.
+
+    Args:
+        path: TOML file; None means ``$ETHERD_CONFIG`` or ``conf/etherd.toml`` if present.
+        env: the environment to read ``ETHERD_<SECTION>_<KEY>`` from (default os.environ).
+        overrides: values from command-line flags, as ``{section: {key: value}}``.
+
+    Raises:
+        ConfigError: a file that cannot be read or parsed, an unknown key, a bad value.
+    """
+    env = os.environ if env is None else env
+    raw: dict[str, Any] = {}
+    if path is None and env.get("ETHERD_CONFIG"):
+        path = env["ETHERD_CONFIG"]
+    if path is None and DEFAULT_CONFIG_PATH.is_file():
+        path = DEFAULT_CONFIG_PATH
+    if path is not None:
+        raw = _read_toml(Path(path))
+    _apply_env(raw, env)
+    for section, values in (overrides or {}).items():
+        for key, value in values.items():
+            if value is not None:
+                raw.setdefault(section, {})[key] = value
+    try:
+        config = msgspec.convert(raw, Config)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from None
+    _check(config)
+    return config
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+
+
+def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
+    sections = {
+        name: field.type
+        for name, field in ((f.name, f) for f in msgspec.structs.fields(Config))
+    }
+    for name, text in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+            continue
+        rest = name[len(ENV_PREFIX) :].lower()
+        section, _, key = rest.partition("_")
+        section_type = sections.get(section)
+        if section_type is None:
+            raise ConfigError(f"unknown configuration variable {name}: no section {section!r}")
+        fields = {f.name: f.type for f in msgspec.structs.fields(section_type)}
+        if key not in fields:
+            raise ConfigError(
+                f"unknown configuration variable {name}: section [{section}] has no key {key!r}"
+            )
+        raw.setdefault(section, {})[key] = _env_value(name, text, fields[key])
+
+
+def _env_value(name: str, text: str, typ: Any) -> Any:
+    """Turn one environment string into the value the field's type expects."""
+    origin = getattr(typ, "__origin__", None)
+    if origin is list:
+        if text.lstrip().startswith("["):
+            try:
+                return msgspec.json.decode(text)
+            except msgspec.DecodeError as exc:
+                raise ConfigError(f"{name} is not a JSON list: {exc}") from None
+        return [part.strip() for part in text.split(",") if part.strip()]
+    if typ == (bool | None) or typ is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        if typ != bool and lowered in ("", "auto"):
+            return None
+        raise ConfigError(f"{name} must be true or false, got {text!r}")
+    try:
+        return msgspec.convert(text, typ, strict=False)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(f"{name}={text!r}: {exc}") from None
+
+
+def _check(config: Config) -> None:
+    """Rules that span several keys."""
+    if config.auth.dev and not is_loopback(config.server.host):
+        raise ConfigError(
+            f"auth.dev = true needs a loopback listener, but server.host is "
+            f"{config.server.host!r}; development tokens must never be reachable from the network"
+        )
+    if config.ws.ping_timeout_s > config.ws.ping_interval_s * 10:
+        raise ConfigError("ws.ping_timeout_s must be at most ten times ws.ping_interval_s")
+    url = config.store_url
+    if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
+        raise ConfigError(
+            f"store.url must start with sqlite:/// or postgresql://, got {url!r}"
+        )
+
+
+def masked(config: Config) -> dict[str, Any]:
+    """The configuration as plain data with secrets replaced, for printing."""
+    data: dict[str, Any] = msgspec.to_builtins(config)
+    if data["auth"]["secret"]:
+        data["auth"]["secret"] = "********"
+    url = data["store"]["url"]
+    if "@" in url and ":" in url.split("@", 1)[0].split("//", 1)[-1]:
+        scheme, rest = url.split("//", 1)
+        creds, host = rest.split("@", 1)
+        data["store"]["url"] = f"{scheme}//{creds.split(':', 1)[0]}:********@{host}"
+    return data

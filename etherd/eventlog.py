@@ -1,0 +1,82 @@
+"""Values that travel through the event log: what is appended, what is stored, what a replay
+returns. Pure data; the stores in ``etherd.store`` persist them.
+
+An event is identified by ``(topic, offset)``. Offsets start at 1 in each topic, grow by one
+per stored event (gap-free among stored events, retention only trims the oldest), and are
+meaningful only within one ``epoch``: a reset log gets a new epoch so a client can tell a
+resume from a restart.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import msgspec
+
+__all__ = ["IdempotentAnswer", "Idempotency", "NewEvent", "Replay", "StoredEvent", "Write"]
+
+
+class NewEvent(msgspec.Struct, gc=False, frozen=True):
+    """An event before it is stored: its topic, its name and its fields as a JSON object."""
+
+    topic: str
+    event: str
+    # The event's own fields, encoded as one JSON object (no envelope keys).
+    data: bytes
+
+
+class StoredEvent(msgspec.Struct, gc=False, frozen=True):
+    """An event after its commit: it now has an offset and the server time of the commit."""
+
+    topic: str
+    offset: int
+    ts_ms: int
+    event: str
+    data: bytes
+
+
+class Idempotency(msgspec.Struct, gc=False, frozen=True):
+    """An ``Idempotency-Key`` whose answer is stored in the same commit as the events.
+
+    ``fingerprint`` identifies the request body; a retry with the same key but another body
+    is a conflict. The answer itself comes from ``Write.respond`` once offsets are known.
+    """
+
+    key: str
+    # Who may see this key's answer: keys are per principal and route.
+    scope: str
+    fingerprint: str
+
+
+class IdempotentAnswer(msgspec.Struct, gc=False, frozen=True):
+    """A stored answer to an earlier request with the same idempotency key."""
+
+    fingerprint: str
+    status: int
+    body: bytes
+
+
+@dataclass(slots=True)
+class Write:
+    """One unit of a group commit: its events are stored together, all or none."""
+
+    events: list[NewEvent]
+    idempotency: Idempotency | None = None
+    # Called by the store inside the transaction, after offsets are assigned, to produce the
+    # (status, body) answer kept under the idempotency key.
+    respond: Callable[[list[StoredEvent]], tuple[int, bytes]] | None = None
+
+
+class Replay(msgspec.Struct, gc=False, frozen=True):
+    """Stored events of one topic after a given offset.
+
+    ``first`` is the oldest retained offset (0 when the topic holds nothing) and ``head``
+    the newest offset ever assigned (0 for a topic never written). A replay from ``after``
+    is complete when ``after >= first - 1`` (nothing trimmed in between) and every event up
+    to ``head`` fitted under the caller's limit.
+    """
+
+    events: list[StoredEvent]
+    first: int
+    head: int
