@@ -84,12 +84,14 @@ class WsConfig(_Section):
     max_pending_bytes: Pos = 8 * 1024 * 1024
     max_connections_per_subject: Pos = 10_000
     # A connection that sent nothing for this long is pinged; one that then stays silent
-    # for ping_timeout_s more is dropped with 1011... see etherd.errors.
+    # for ping_timeout_s more is closed with 4000 (ping timeout).
     ping_interval_s: PosFloat = 20.0
     ping_timeout_s: PosFloat = 20.0
     handshake_timeout_s: PosFloat = 5.0
     # Subscribers written to per loop iteration; a larger fan-out yields to other work.
     fanout_slice: Pos = 2_000
+    # Path of an echo endpoint for the Autobahn conformance suite; empty (off) in production.
+    echo_path: str = ""
 
 
 class AuthConfig(_Section):
@@ -258,8 +260,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
     sections = {
-        name: field.type
-        for name, field in ((f.name, f) for f in msgspec.structs.fields(Config))
+        name: field.type for name, field in ((f.name, f) for f in msgspec.structs.fields(Config))
     }
     for name, text in env.items():
         if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
@@ -293,7 +294,7 @@ def _env_value(name: str, text: str, typ: Any) -> Any:
             return True
         if lowered in ("0", "false", "no", "off"):
             return False
-        if typ != bool and lowered in ("", "auto"):
+        if typ is not bool and lowered in ("", "auto"):
             return None
         raise ConfigError(f"{name} must be true or false, got {text!r}")
     try:
@@ -313,9 +314,7 @@ def _check(config: Config) -> None:
         raise ConfigError("ws.ping_timeout_s must be at most ten times ws.ping_interval_s")
     url = config.store_url
     if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
-        raise ConfigError(
-            f"store.url must start with sqlite:/// or postgresql://, got {url!r}"
-        )
+        raise ConfigError(f"store.url must start with sqlite:/// or postgresql://, got {url!r}")
 
 
 def masked(config: Config) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgspec
 
-__all__ = ["IdempotentAnswer", "Idempotency", "NewEvent", "Replay", "StoredEvent", "Write"]
+__all__ = ["Idempotency", "IdempotentAnswer", "NewEvent", "Replay", "StoredEvent", "Write"]
 
 
 class NewEvent(msgspec.Struct, gc=False, frozen=True):

@@ -1,0 +1,704 @@
+"""Who is calling, and what they may do: JWT verification and topic authorisation.
+
+Contract sections 2 and 3. This module is pure (no I/O beyond reading key files at
+start-up and on reload): the HTTP and WebSocket layers call :meth:`Authenticator.bearer`
+or :meth:`Authenticator.verify` to get a :class:`Principal`, then :func:`may_subscribe`,
+:func:`may_publish` and :func:`check_harness_app` to decide, per topic or per route.
+
+Algorithms are bound to keys, never taken from the token alone (RFC 8725 section 2.1):
+an ``HS256`` token is checked only against ``auth.secret``, an ``RS256`` token only
+against the RSA public keys and an ``ES256`` token only against the P-256 public keys.
+``none`` and every other algorithm are refused.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import time
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import jwt
+import msgspec
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives.serialization import (
+    load_pem_private_key,
+    load_pem_public_key,
+)
+from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
+
+from etherd.config import AuthConfig, ConfigError
+from etherd.errors import ApiError
+from etherd.topics import TopicError, covers, is_pattern, matches, validate_pattern
+
+__all__ = [
+    "DEV_SUBJECT",
+    "DEV_TOKEN",
+    "AuthError",
+    "Authenticator",
+    "Principal",
+    "Role",
+    "TaskFacts",
+    "check_harness_app",
+    "may_publish",
+    "may_subscribe",
+    "task_id_of",
+]
+
+DEV_TOKEN: Final = "test"
+DEV_SUBJECT: Final = "dev"
+
+# Larger tokens are refused before any parsing or cryptography.
+MAX_TOKEN_BYTES: Final = 16 * 1024
+# Below this an HS256 secret works but is reported in Authenticator.notes.
+MIN_SECRET_BYTES: Final = 32
+MIN_RSA_BITS: Final = 2048
+
+HS256: Final = "HS256"
+RS256: Final = "RS256"
+ES256: Final = "ES256"
+_ALGORITHMS: Final = (HS256, RS256, ES256)
+_BEARER_HINT: Final = "expected 'Bearer <token>'"
+
+
+class Role(enum.StrEnum):
+    """What a token's holder is; see contract section 2."""
+
+    USER = "user"
+    HARNESS = "harness"
+    SERVICE = "service"
+    ADMIN = "admin"
+
+
+_ROLE_NAMES: Final = ", ".join(r.value for r in Role)
+
+
+class Principal(msgspec.Struct, frozen=True, gc=False):
+    """The verified caller.
+
+    ``topics`` is None when the token has no ``topics`` claim; a tuple (possibly empty)
+    narrows what the caller may subscribe and publish to. ``exp`` is the token's expiry
+    in unix seconds, used to close WebSocket connections when the token runs out.
+    """
+
+    sub: str
+    role: Role
+    topics: tuple[str, ...] | None = None
+    exp: float | None = None
+    dev: bool = False
+
+    @property
+    def is_admin(self) -> bool:
+        """Whether the role is ``admin``."""
+        return self.role is Role.ADMIN
+
+    @property
+    def is_user(self) -> bool:
+        """Whether the role is ``user``."""
+        return self.role is Role.USER
+
+    @property
+    def is_harness(self) -> bool:
+        """Whether the role is ``harness``."""
+        return self.role is Role.HARNESS
+
+    @property
+    def is_service(self) -> bool:
+        """Whether the role is ``service``."""
+        return self.role is Role.SERVICE
+
+    @property
+    def may_act_for_anyone(self) -> bool:
+        """Whether the caller may create tasks for any owner (``service`` or ``admin``)."""
+        return self.role is Role.SERVICE or self.role is Role.ADMIN
+
+
+class AuthError(Exception):
+    """A token or header that does not authenticate; answered with 401.
+
+    The message says what was wrong and never contains the token.
+    """
+
+    def __init__(self, message: str, code: str = "unauthorized") -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class TaskFacts(msgspec.Struct, frozen=True):
+    """What authorisation needs to know about one task.
+
+    ``holder`` is the ``sub`` of the harness principal holding the current lease.
+    """
+
+    owner: str
+    holder: str | None = None
+
+
+# PyJWT warns on every use of a short HMAC key or RSA key; etherd checks key sizes once
+# at load time instead (a short secret goes into Authenticator.notes, a short RSA key is
+# refused), so the per-token warnings are switched off.
+class _HS256(HMACAlgorithm):
+    def __init__(self) -> None:
+        super().__init__(HMACAlgorithm.SHA256)
+
+    def check_key_length(self, key: Any) -> str | None:
+        return None
+
+    def prepare_key(self, key: str | bytes) -> bytes:
+        # The secret comes only from the configuration and was checked by the parent's
+        # prepare_key (not empty, not a PEM or DER key) when it was loaded.
+        return key if isinstance(key, bytes) else key.encode()
+
+
+class _RS256(RSAAlgorithm):
+    def __init__(self) -> None:
+        super().__init__(RSAAlgorithm.SHA256)
+
+    def check_key_length(self, key: Any) -> str | None:
+        return None
+
+
+def _make_jws() -> jwt.PyJWS:
+    jws = jwt.PyJWS(algorithms=[])
+    jws.register_algorithm(HS256, _HS256())
+    jws.register_algorithm(RS256, _RS256())
+    jws.register_algorithm(ES256, ECAlgorithm(ECAlgorithm.SHA256, ec.SECP256R1))
+    return jws
+
+
+_JWS: Final = _make_jws()
+
+PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
+
+
+class _Keys:
+    """Everything loaded from one AuthConfig; replaced as a whole on reload."""
+
+    __slots__ = ("config", "dev", "notes", "private", "private_alg", "public", "secret")
+
+    def __init__(self, config: AuthConfig, dev: bool) -> None:
+        self.config = config
+        self.dev = dev
+        notes: list[str] = []
+        self.secret: bytes | None = None
+        if config.secret:
+            secret = config.secret.encode()
+            try:
+                HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
+            except jwt.InvalidKeyError:
+                raise ConfigError(
+                    "auth.secret looks like a PEM, DER or SSH key; it must be a random "
+                    "string for HS256 (put public keys in auth.public_keys instead)"
+                ) from None
+            if len(secret) < MIN_SECRET_BYTES:
+                notes.append(
+                    f"auth.secret is {len(secret)} bytes; HS256 secrets should be at least "
+                    f"{MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)"
+                )
+            self.secret = secret
+        self.public: dict[str, list[PublicKey]] = {RS256: [], ES256: []}
+        for index, name in enumerate(config.public_keys):
+            key = _load_public_key(name, f"auth.public_keys[{index}]")
+            self.public[_alg_for(key, f"auth.public_keys[{index}] ({name})")].append(key)
+        self.private: PrivateKey | None = None
+        self.private_alg: str | None = None
+        if config.private_key:
+            self.private = _load_private_key(config.private_key)
+            self.private_alg = _alg_for(self.private, f"auth.private_key ({config.private_key})")
+        self.notes = tuple(notes)
+
+
+def _read_pem(name: str, where: str) -> bytes:
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read {name}: {exc.strerror or exc}") from None
+
+
+def _load_public_key(name: str, where: str) -> PublicKey:
+    data = _read_pem(name, where)
+    if b"PRIVATE KEY-----" in data:
+        raise ConfigError(
+            f"{where}: {name} holds a private key; give the public key instead "
+            f"(`openssl pkey -in {Path(name).name} -pubout`) and keep the private key "
+            f"for auth.private_key"
+        )
+    key: object
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = load_pem_public_key(data)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            f"{where}: {name} is not a PEM public key or certificate "
+            f"(expected '-----BEGIN PUBLIC KEY-----'): {exc}"
+        ) from None
+    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
+        raise ConfigError(
+            f"{where}: {name} holds a {type(key).__name__}; only RSA (RS256) and P-256 "
+            f"EC (ES256) keys are supported"
+        )
+    return key
+
+
+def _load_private_key(name: str) -> PrivateKey:
+    where = "auth.private_key"
+    data = _read_pem(name, where)
+    try:
+        key = load_pem_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(
+            f"{where}: {name} is encrypted; etherd needs an unencrypted PEM private key"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise ConfigError(
+            f"{where}: {name} is not a PEM private key "
+            f"(expected '-----BEGIN PRIVATE KEY-----'): {exc}"
+        ) from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
+        raise ConfigError(
+            f"{where}: {name} holds a {type(key).__name__}; only RSA (RS256) and P-256 "
+            f"EC (ES256) keys are supported"
+        )
+    return key
+
+
+def _alg_for(key: PublicKey | PrivateKey, where: str) -> str:
+    """The one algorithm a key may be used with; refuses keys etherd will not use."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        if key.key_size < MIN_RSA_BITS:
+            raise ConfigError(
+                f"{where}: the RSA key is {key.key_size} bits; RS256 needs at least {MIN_RSA_BITS}"
+            )
+        return RS256
+    if not isinstance(key.curve, ec.SECP256R1):
+        raise ConfigError(
+            f"{where}: the EC key is on curve {key.curve.name}; ES256 needs P-256 (secp256r1)"
+        )
+    return ES256
+
+
+def _utc(ts: float) -> str:
+    try:
+        return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return f"{ts:g} (unix seconds)"
+
+
+def _show(value: object, limit: int = 80) -> str:
+    """A claim or header value for a message, shortened."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(payload: dict[str, Any], claim: str) -> float | None:
+    value = payload.get(claim)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise AuthError(
+            f"{claim} claim must be a number of unix seconds, got {type(value).__name__}"
+        )
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise AuthError(f"{claim} claim is out of range")
+    return number
+
+
+class Authenticator:
+    """Verifies bearer tokens against the configured secret and public keys.
+
+    Thread-compatible: :meth:`reload` swaps all keys at once, so a verification running
+    concurrently sees either the old or the new set, never a mix.
+    """
+
+    def __init__(
+        self, config: AuthConfig, *, dev: bool, now: Callable[[], float] = time.time
+    ) -> None:
+        """Load the keys named in ``config``.
+
+        Args:
+            config: the ``[auth]`` section.
+            dev: whether the development token ``test`` is accepted (``Config.dev_auth``).
+            now: the clock, in unix seconds (tests pass a fixed one).
+
+        Raises:
+            ConfigError: a key file that cannot be read or is not a usable key.
+        """
+        self._now = now
+        self._keys = _Keys(config, dev)
+
+    def reload(self, config: AuthConfig, *, dev: bool) -> None:
+        """Swap in new keys (on SIGHUP). On ConfigError the old keys stay in use."""
+        self._keys = _Keys(config, dev)
+
+    @property
+    def dev(self) -> bool:
+        """Whether development mode (token ``test``) is on."""
+        return self._keys.dev
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        """Warnings about the configuration worth printing at start-up (e.g. weak secret)."""
+        return self._keys.notes
+
+    def bearer(self, header_value: str | None) -> Principal:
+        """Verify an ``Authorization`` header value of the form ``Bearer <token>``.
+
+        The scheme is case-insensitive. Raises AuthError when the header is missing or
+        malformed, or the token does not verify.
+        """
+        if header_value is None or not header_value.strip():
+            raise AuthError(f"missing Authorization header; {_BEARER_HINT}")
+        parts = header_value.split()
+        if parts[0].lower() != "bearer":
+            # The first word is not echoed: a bare token would be it.
+            raise AuthError(f"Authorization header does not use the Bearer scheme; {_BEARER_HINT}")
+        if len(parts) == 1:
+            raise AuthError(f"Authorization header has no token after 'Bearer'; {_BEARER_HINT}")
+        if len(parts) > 2:
+            raise AuthError(
+                f"Authorization header has text after the token; {_BEARER_HINT} with no spaces "
+                f"in the token"
+            )
+        return self.verify(parts[1])
+
+    def verify(self, token: str) -> Principal:
+        """Verify a token and return who it names.
+
+        Accepts the development token ``test`` in development mode, HS256 tokens signed
+        with ``auth.secret``, and RS256/ES256 tokens signed by the private half of one of
+        ``auth.public_keys``. Checks ``exp`` (required unless ``auth.require_exp`` is
+        false), ``nbf`` and ``iat`` with ``auth.leeway_s``, ``iss`` and ``aud`` when
+        configured, and the ``sub``, ``role`` and ``topics`` claims.
+
+        Raises:
+            AuthError: the message says what is wrong, without the token.
+        """
+        keys = self._keys
+        token = token.strip()
+        if not token:
+            raise AuthError(f"empty token; {_BEARER_HINT}")
+        if token == DEV_TOKEN:
+            if keys.dev:
+                return Principal(sub=DEV_SUBJECT, role=Role.ADMIN, dev=True)
+            raise AuthError(
+                "development mode is off on this server, so the development token is not "
+                "accepted; use a signed JWT (`etherd token --sub U --role R`)"
+            )
+        if len(token) > MAX_TOKEN_BYTES:
+            raise AuthError(f"token is {len(token)} bytes; at most {MAX_TOKEN_BYTES} accepted")
+        payload = self._verify_signature(keys, token)
+        return self._principal(keys.config, payload)
+
+    def _verify_signature(self, keys: _Keys, token: str) -> dict[str, Any]:
+        try:
+            header = _JWS.get_unverified_header(token)
+        except jwt.PyJWTError as exc:
+            raise AuthError(
+                f"malformed token ({exc}); expected a JWT: three base64url parts separated by dots"
+            ) from None
+        alg = header.get("alg")
+        candidates: Sequence[bytes | PublicKey]
+        if alg == HS256:
+            if keys.secret is None:
+                raise AuthError(
+                    "HS256 tokens are not accepted: this server has no auth.secret"
+                    + self._accepted_hint(keys)
+                )
+            candidates = [keys.secret]
+            against = "the configured auth.secret"
+        elif alg in (RS256, ES256):
+            candidates = keys.public[alg]
+            if not candidates:
+                raise AuthError(
+                    f"{alg} tokens are not accepted: no {alg} public key is configured"
+                    + self._accepted_hint(keys)
+                )
+            against = (
+                f"the configured {alg} public key"
+                if len(candidates) == 1
+                else f"any of the {len(candidates)} configured {alg} public keys"
+            )
+        elif isinstance(alg, str) and alg.lower() == "none":
+            raise AuthError("unsigned tokens (alg 'none') are never accepted")
+        else:
+            raise AuthError(
+                f"unsupported token algorithm {_show(alg)}; expected one of "
+                f"{', '.join(_ALGORITHMS)}" + self._accepted_hint(keys)
+            )
+        raw: bytes | None = None
+        for key in candidates:
+            try:
+                decoded = _JWS.decode_complete(token, key=key, algorithms=[alg])
+            except jwt.InvalidSignatureError:
+                continue
+            except jwt.PyJWTError as exc:
+                raise AuthError(f"malformed token: {exc}") from None
+            raw = decoded["payload"]
+            break
+        if raw is None:
+            raise AuthError(f"signature does not verify against {against}")
+        try:
+            payload = msgspec.json.decode(raw)
+        except msgspec.DecodeError:
+            raise AuthError("token payload is not valid JSON") from None
+        if not isinstance(payload, dict):
+            raise AuthError("token payload is not a JSON object of claims")
+        return payload
+
+    @staticmethod
+    def _accepted_hint(keys: _Keys) -> str:
+        accepted = [HS256] if keys.secret is not None else []
+        accepted += [alg for alg in (RS256, ES256) if keys.public[alg]]
+        if not accepted:
+            return "; no auth.secret or auth.public_keys are configured, so no JWT verifies"
+        return f"; this server accepts {', '.join(accepted)}"
+
+    def _principal(self, config: AuthConfig, payload: dict[str, Any]) -> Principal:
+        now = self._now()
+        leeway = config.leeway_s
+        exp = _number(payload, "exp")
+        if exp is None:
+            if config.require_exp:
+                raise AuthError("token has no exp claim; this server requires tokens that expire")
+        elif exp <= now - leeway:
+            raise AuthError(f"token expired at {_utc(exp)} (server time {_utc(now)})")
+        nbf = _number(payload, "nbf")
+        if nbf is not None and nbf > now + leeway:
+            raise AuthError(f"token is not valid before {_utc(nbf)} (server time {_utc(now)})")
+        iat = _number(payload, "iat")
+        if iat is not None and iat > now + leeway:
+            raise AuthError(
+                f"token was issued in the future, at {_utc(iat)} (server time {_utc(now)}); "
+                f"check the issuer's clock"
+            )
+        if config.issuer:
+            iss = payload.get("iss")
+            if iss is None:
+                raise AuthError(f"token has no iss claim; expected {config.issuer!r}")
+            if iss != config.issuer:
+                raise AuthError(
+                    f"token issuer {_show(iss)} is not accepted; expected {config.issuer!r}"
+                )
+        _check_audience(payload.get("aud"), config.audience)
+        sub = payload.get("sub")
+        if sub is None:
+            raise AuthError("token has no sub claim; expected the caller's user id")
+        if not isinstance(sub, str) or not sub:
+            raise AuthError(f"sub claim must be a non-empty string, got {_show(sub)}")
+        role_value = payload.get("role", Role.USER.value)
+        if not isinstance(role_value, str):
+            raise AuthError(
+                f"role claim must be a string, one of {_ROLE_NAMES}; got {_show(role_value)}"
+            )
+        try:
+            role = Role(role_value)
+        except ValueError:
+            raise AuthError(
+                f"unknown role {_show(role_value)}; expected one of {_ROLE_NAMES}"
+            ) from None
+        return Principal(sub=sub, role=role, topics=_topics_claim(payload.get("topics")), exp=exp)
+
+    def issue(self, sub: str, role: Role, ttl_s: float | None, topics: Sequence[str] | None) -> str:
+        """Sign a token this server accepts (``etherd token``).
+
+        Signs HS256 with ``auth.secret``, or else with ``auth.private_key`` (RS256 or
+        ES256 by key type). Adds ``iss``/``aud`` when configured. ``ttl_s`` None means
+        no ``exp`` claim.
+
+        Raises:
+            ConfigError: neither a secret nor a private key is configured.
+            ValueError: empty ``sub``, a ``ttl_s`` that is not positive, no ``ttl_s``
+                while ``auth.require_exp`` is on, or an invalid topic pattern
+                (TopicError).
+        """
+        keys = self._keys
+        config = keys.config
+        if not sub:
+            raise ValueError("sub must be a non-empty user id")
+        role = Role(role)
+        if ttl_s is None and config.require_exp:
+            raise ValueError(
+                "a token without expiry would be refused: auth.require_exp is on; give a ttl"
+            )
+        if ttl_s is not None and not (ttl_s > 0 and math.isfinite(ttl_s)):
+            raise ValueError(f"ttl must be a positive number of seconds, got {ttl_s}")
+        now = self._now()
+        claims: dict[str, Any] = {"sub": sub, "role": role.value, "iat": int(now)}
+        if ttl_s is not None:
+            claims["exp"] = math.ceil(now + ttl_s)
+        if topics is not None:
+            for pattern in topics:
+                validate_pattern(pattern)
+            claims["topics"] = list(topics)
+        if config.issuer:
+            claims["iss"] = config.issuer
+        if config.audience:
+            claims["aud"] = config.audience
+        payload = msgspec.json.encode(claims)
+        if keys.secret is not None:
+            return _JWS.encode(payload, keys.secret, algorithm=HS256)
+        if keys.private is not None and keys.private_alg is not None:
+            return _JWS.encode(payload, keys.private, algorithm=keys.private_alg)
+        raise ConfigError(
+            "cannot sign tokens: set auth.secret (HS256) or auth.private_key (a PEM RSA or "
+            "P-256 EC private key)"
+        )
+
+
+def _check_audience(aud: object, expected: str) -> None:
+    if not expected:
+        if aud is not None:
+            raise AuthError(
+                f"token is meant for audience {_show(aud)}, but this server has no "
+                f"auth.audience; configure auth.audience or mint the token without aud"
+            )
+        return
+    if aud is None:
+        raise AuthError(f"token has no aud claim; expected {expected!r}")
+    if isinstance(aud, str):
+        ok = aud == expected
+    elif isinstance(aud, list) and all(isinstance(a, str) for a in aud):
+        ok = expected in aud
+    else:
+        raise AuthError("aud claim must be a string or a list of strings")
+    if not ok:
+        raise AuthError(f"token audience {_show(aud)} does not include {expected!r}")
+
+
+def _topics_claim(value: object) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise AuthError(
+            f"topics claim must be a list of topic patterns, got {type(value).__name__}"
+        )
+    out: list[str] = []
+    for index, pattern in enumerate(value):
+        if not isinstance(pattern, str):
+            raise AuthError(
+                f"topics claim entry {index} must be a string, got {type(pattern).__name__}"
+            )
+        try:
+            validate_pattern(pattern)
+        except TopicError as exc:
+            raise AuthError(
+                f"topics claim entry {index} {_show(pattern)} is not a valid topic pattern: {exc}"
+            ) from None
+        out.append(pattern)
+    return tuple(out)
+
+
+def check_harness_app(value: str | None, allowed: Sequence[str]) -> None:
+    """Enforce the ``X-Ether-Harness-App`` header on harness routes.
+
+    Raises:
+        ApiError: ``bad_request`` when the header is missing or empty; ``forbidden``
+            when ``allowed`` is non-empty and does not list the value.
+    """
+    app = (value or "").strip()
+    if not app:
+        raise ApiError(
+            "bad_request", "missing X-Ether-Harness-App header; harness routes need your app id"
+        )
+    if allowed and app not in allowed:
+        raise ApiError("forbidden", f"harness app {_show(app)} is not allowed on this server")
+
+
+def task_id_of(topic: str) -> str | None:
+    """The task id of a ``tasks/{id}`` topic (exactly two segments), else None."""
+    prefix, sep, rest = topic.partition("/")
+    if prefix != "tasks" or not sep or not rest or "/" in rest or rest in ("*", ">"):
+        return None
+    return rest
+
+
+def _outside_claim(p: Principal, topic: str) -> str | None:
+    claim = p.topics
+    if claim is None:
+        return None
+    if is_pattern(topic):
+        ok = any(covers(c, topic) for c in claim)
+    else:
+        ok = any(matches(c, topic) for c in claim)
+    if ok:
+        return None
+    if not claim:
+        return "this token's topics claim is empty, so it allows no topic"
+    shown = ", ".join(claim[:5]) + (", ..." if len(claim) > 5 else "")
+    return f"topic {topic!r} is outside this token's topics claim ({shown})"
+
+
+def may_subscribe(p: Principal, topic: str, task: TaskFacts | None) -> str | None:
+    """None if ``p`` may subscribe to ``topic`` (or pattern), else why not.
+
+    ``topic`` must already be a valid topic or pattern. ``task`` is what the caller
+    resolved for a ``tasks/{id}`` topic: None when the topic is not a task topic or the
+    task is unknown (the refusal is then the same as for someone else's task, so it does
+    not reveal whether the task exists). Rules are contract section 3: a ``topics``
+    claim narrows every role and is also what lets a non-admin subscribe to a pattern;
+    ``admin`` may subscribe to anything, ``service`` to any concrete topic, ``user`` to
+    ``tasks/{id}`` it owns and ``activity/{sub}``, ``harness`` to ``harness`` and to
+    ``tasks/{id}`` whose lease it holds.
+    """
+    refused = _outside_claim(p, topic)
+    if refused is not None:
+        return refused
+    if is_pattern(topic):
+        if p.role is Role.ADMIN or p.topics is not None:
+            return None
+        return (
+            f"subscribing to the pattern {topic!r} needs an admin token or a topics claim "
+            f"that covers it; subscribe to concrete topics instead"
+        )
+    if p.role is Role.ADMIN or p.role is Role.SERVICE:
+        return None
+    task_id = task_id_of(topic)
+    if p.role is Role.USER:
+        if task_id is not None:
+            if task is not None and task.owner == p.sub:
+                return None
+            return f"task {task_id!r} is not one of your tasks; users may follow only their own"
+        if topic == f"activity/{p.sub}":
+            return None
+        if topic.startswith("activity/"):
+            return f"users may follow only their own activity topic, 'activity/{p.sub}'"
+        return (
+            f"users may subscribe to tasks/{{id}} of their own tasks and 'activity/{p.sub}'; "
+            f"{topic!r} is neither"
+        )
+    # harness
+    if topic == "harness":
+        return None
+    if task_id is not None:
+        if task is not None and task.holder is not None and task.holder == p.sub:
+            return None
+        return f"task {task_id!r} is not leased to this harness; claim it first"
+    return (
+        f"harness tokens may subscribe to 'harness' and to tasks/{{id}} of tasks they hold; "
+        f"{topic!r} is neither"
+    )
+
+
+def may_publish(p: Principal, topic: str) -> str | None:
+    """None if ``p`` may publish on the concrete ``topic``, else why not.
+
+    Only ``service`` and ``admin`` tokens publish; a ``topics`` claim narrows them.
+    """
+    if p.role is not Role.SERVICE and p.role is not Role.ADMIN:
+        return f"only service and admin tokens may publish; this token's role is {p.role.value!r}"
+    if is_pattern(topic):
+        return f"events are published to a concrete topic, not to the pattern {topic!r}"
+    return _outside_claim(p, topic)

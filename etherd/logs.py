@@ -1,0 +1,55 @@
+"""Logging: human-readable lines by default, JSON lines with ``log.format = "json"``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Final
+
+import msgspec
+
+from etherd.config import LogConfig
+
+__all__ = ["JsonFormatter", "setup_logging"]
+
+# Attributes every LogRecord has; anything else passed with extra= is context worth keeping.
+_STANDARD: Final = frozenset(
+    vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
+)
+_ENCODER: Final = msgspec.json.Encoder()
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any context fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        entry.update(
+            (key, value)
+            for key, value in record.__dict__.items()
+            if key not in _STANDARD and not key.startswith("_")
+        )
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return _ENCODER.encode(entry).decode()
+
+
+def setup_logging(config: LogConfig) -> None:
+    """Configure the root logger from the ``[log]`` section (also used on reload)."""
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    if config.format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.handlers[:] = [handler]
+    root.setLevel(config.level.upper())
+    # picows logs every connect and disconnect at INFO; keep that out of the hub's log.
+    logging.getLogger("picows").setLevel(max(logging.WARNING, root.level))

@@ -1,0 +1,197 @@
+"""The wire schema: WebSocket commands and replies, API bodies, and the event envelope.
+
+Commands are decoded straight into Structs (a tagged union on ``action``), so a malformed
+command is answered with msgspec's own precise message (``Expected `array`, got `str` - at
+`$.topics```). Events are encoded once per publish: the envelope is written as bytes in
+front of the event's own JSON object, so user data passes through without a decode.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final
+
+import msgspec
+
+from etherd.clock import rfc3339_ms
+from etherd.eventlog import StoredEvent
+
+__all__ = [
+    "COMMAND_DECODER",
+    "ENCODER",
+    "Command",
+    "ErrorBody",
+    "ErrorReply",
+    "Ping",
+    "Pong",
+    "PublishBody",
+    "PublishEvent",
+    "Subscribe",
+    "Subscribed",
+    "TopicAck",
+    "TopicRefusal",
+    "Unsubscribe",
+    "Unsubscribed",
+    "encode_event",
+    "event_json",
+]
+
+# Event names are printed into the envelope without escaping, so they are restricted to a
+# charset that never needs it.
+EVENT_NAME_RE: Final = r"^[A-Za-z0-9_.:\-]{1,128}$"
+_EVENT_NAME = re.compile(EVENT_NAME_RE)
+RESERVED_FIELDS: Final = frozenset({"type", "event", "topic", "offset", "ts"})
+
+RequestId = str | int | None
+TopicList = Annotated[list[str], msgspec.Meta(min_length=1)]
+
+
+# --- client -> server -------------------------------------------------------------------
+
+
+class Subscribe(msgspec.Struct, tag_field="action", tag="subscribe", gc=False):
+    topics: TopicList
+    id: RequestId = None
+    # Resume positions: replay retained events with offset > since[topic], then go live.
+    since: dict[str, Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    # The epoch the positions belong to (from an earlier ack); another epoch cannot resume.
+    epoch: str | None = None
+
+
+class Unsubscribe(msgspec.Struct, tag_field="action", tag="unsubscribe", gc=False):
+    topics: TopicList
+    id: RequestId = None
+
+
+class Ping(msgspec.Struct, tag_field="action", tag="ping", gc=False):
+    id: RequestId = None
+
+
+Command = Subscribe | Unsubscribe | Ping
+COMMAND_DECODER: Final = msgspec.json.Decoder(Command)
+
+
+# --- server -> client -------------------------------------------------------------------
+
+
+class TopicAck(msgspec.Struct, gc=False):
+    topic: str
+    # Newest offset of the topic at subscribe time (0 when nothing was ever stored).
+    offset: int
+    epoch: str
+    # False when a requested resume position could not be honoured in full.
+    recovered: bool
+
+
+class TopicRefusal(msgspec.Struct, gc=False):
+    topic: str
+    code: str
+    message: str
+
+
+class Subscribed(msgspec.Struct, tag_field="type", tag="subscribed", gc=False):
+    id: RequestId
+    topics: list[TopicAck]
+    errors: list[TopicRefusal]
+
+
+class Unsubscribed(msgspec.Struct, tag_field="type", tag="unsubscribed", gc=False):
+    id: RequestId
+    topics: list[str]
+
+
+class Pong(msgspec.Struct, tag_field="type", tag="pong", gc=False):
+    id: RequestId = None
+
+
+class ErrorReply(msgspec.Struct, tag_field="type", tag="error", gc=False):
+    id: RequestId
+    code: str
+    message: str
+
+
+# --- HTTP bodies ------------------------------------------------------------------------
+
+
+class ErrorDetail(msgspec.Struct, gc=False):
+    code: str
+    message: str
+
+
+class ErrorBody(msgspec.Struct, gc=False):
+    error: ErrorDetail
+
+
+EventName = Annotated[str, msgspec.Meta(pattern=EVENT_NAME_RE)]
+
+
+class PublishEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    topic: str
+    event: EventName
+    # The event's own fields; kept as raw JSON and passed through untouched.
+    data: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+    durable: bool = True
+
+
+class PublishBody(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    """``POST /api/publish``: one event, or ``{"events": [...]}`` for a batch."""
+
+    topic: str | None = None
+    event: EventName | None = None
+    data: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+    durable: bool = True
+    events: list[PublishEvent] | None = None
+
+
+class PublishedItem(msgspec.Struct, gc=False, omit_defaults=True):
+    topic: str
+    event: str
+    offset: int | None = None
+
+
+class PublishAnswer(msgspec.Struct, gc=False):
+    published: list[PublishedItem]
+    epoch: str
+
+
+ENCODER: Final = msgspec.json.Encoder()
+
+
+def valid_event_name(name: str) -> bool:
+    """Whether an event name fits the envelope's charset."""
+    return _EVENT_NAME.match(name) is not None
+
+
+def event_json(topic: str, event: str, offset: int | None, ts_ms: int, data: bytes) -> bytes:
+    """The JSON object a subscriber receives: the envelope, then the event's own fields.
+
+    ``data`` is the event's fields as one JSON object; ``topic`` and ``event`` are already
+    validated against charsets that need no escaping, so the envelope is plain bytes.
+    """
+    head = b'{"type":"%s","event":"%s","topic":"%s",' % (
+        event.encode(),
+        event.encode(),
+        topic.encode(),
+    )
+    if offset is not None:
+        head += b'"offset":%d,' % offset
+    head += b'"ts":"%s"' % rfc3339_ms(ts_ms).encode()
+    body = data.strip()
+    if body == b"{}" or not body:
+        return head + b"}"
+    return head + b"," + body[1:].lstrip()
+
+
+def encode_event(ev: StoredEvent) -> bytes:
+    """Envelope plus fields for a stored event."""
+    return event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)
+
+
+def encode_fields(fields: dict[str, Any] | dict[str, msgspec.Raw]) -> bytes:
+    """Encode an event's own fields to the JSON object stored and sent."""
+    return ENCODER.encode(fields)
+
+
+def error_body(code: str, message: str) -> bytes:
+    """The HTTP error body of contract section 8."""
+    return ENCODER.encode(ErrorBody(ErrorDetail(code, message)))

@@ -1,0 +1,282 @@
+"""Realtime subscriptions: the WebSocket command session and the SSE stream, both hub sinks.
+
+A subscribe is answered in one reply listing, per topic, where the topic stands (newest
+offset and epoch) and whether a requested resume was honoured in full; refused topics are
+listed in the same reply and never close the connection. A resume holds live events of the
+topic while the retained ones are read from the store, writes the replay, then releases the
+held events it did not already send, so the client sees every offset once, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from etherd.auth import Principal, may_subscribe
+from etherd.errors import CLOSE_UNSUPPORTED_DATA, ApiError
+from etherd.eventlog import StoredEvent
+from etherd.hub import Prepared, ws_text_frame
+from etherd.messages import (
+    COMMAND_DECODER,
+    ENCODER,
+    ErrorReply,
+    Ping,
+    Pong,
+    Subscribe,
+    Subscribed,
+    TopicAck,
+    TopicRefusal,
+    Unsubscribe,
+    Unsubscribed,
+    event_json,
+)
+from etherd.topics import TopicError, is_pattern, validate_pattern
+from etherd.ws import SessionBase
+
+if TYPE_CHECKING:
+    from etherd.app import App
+
+__all__ = ["Session", "resume"]
+
+log = logging.getLogger("etherd.realtime")
+
+
+class Session(SessionBase):
+    """One WebSocket client: commands in, events out."""
+
+    def __init__(self, app: App, principal: Principal, peer: str) -> None:
+        cfg = app.config.ws
+        super().__init__(cfg.max_message_bytes, cfg.max_pending_bytes)
+        self.app = app
+        self.principal = principal
+        self.peer = peer
+        self.topics: set[str] = set()
+        self.patterns = 0
+        self._commands: deque[Subscribe | Unsubscribe | Ping] = deque()
+        self._busy = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def on_ws_connected(self, transport: object) -> None:
+        super().on_ws_connected(transport)  # type: ignore[arg-type]
+        self.app.session_opened(self)
+
+    def on_closed(self) -> None:
+        if self.topics:
+            self.app.hub.unsubscribe_all(self.topics, self)
+            self.topics.clear()
+        self.holding = None
+        super().on_closed()
+        self.app.session_closed(self)
+
+    # -- commands --------------------------------------------------------------------------
+
+    def on_message(self, text: bool, payload: bytes) -> None:
+        if not text:
+            self.close(CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted; send JSON text")
+            return
+        try:
+            command = COMMAND_DECODER.decode(payload)
+        except msgspec.ValidationError as exc:
+            self.reply(ErrorReply(_request_id(payload), "bad_request", f"invalid command: {exc}"))
+            return
+        except msgspec.DecodeError as exc:
+            self.reply(ErrorReply(None, "bad_request", f"message is not JSON: {exc}"))
+            return
+        if self._busy:
+            self._commands.append(command)
+            return
+        self._run(command)
+
+    def _run(self, command: Subscribe | Unsubscribe | Ping) -> None:
+        if isinstance(command, Ping):
+            self.reply(Pong(command.id))
+        elif isinstance(command, Unsubscribe):
+            self._unsubscribe(command)
+        else:
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._subscribe_then_continue(command))
+
+    async def _subscribe_then_continue(self, command: Subscribe) -> None:
+        try:
+            await self._subscribe(command)
+        except Exception:
+            log.exception("subscribe failed for %s", self.peer)
+            self.reply(ErrorReply(command.id, "internal", "the server failed this subscribe"))
+        self._busy = False
+        while self._commands and not self._busy and not self.closed:
+            self._run(self._commands.popleft())
+
+    def reply(self, message: msgspec.Struct) -> None:
+        """Queue a reply behind any frames already pending for this session."""
+        if not self.closed:
+            self.app.hub.queue(self, ws_text_frame(ENCODER.encode(message)))
+
+    def _unsubscribe(self, command: Unsubscribe) -> None:
+        removed = []
+        for topic in command.topics:
+            if topic in self.topics:
+                self.topics.discard(topic)
+                self.app.hub.unsubscribe(topic, self)
+                if is_pattern(topic):
+                    self.patterns -= 1
+                if self.holding is not None:
+                    self.holding.pop(topic, None)
+                removed.append(topic)
+        self.reply(Unsubscribed(command.id, removed))
+
+    async def _subscribe(self, command: Subscribe) -> None:
+        app = self.app
+        cfg = app.config.ws
+        since = command.since or {}
+        acks: list[TopicAck] = []
+        refusals: list[TopicRefusal] = []
+        accepted: list[str] = []
+        seen: set[str] = set()
+        for topic in command.topics:
+            if topic in seen:
+                continue
+            seen.add(topic)
+            refusal = await self._check(
+                topic,
+                topic in since,
+                cfg.max_topics_per_connection,
+                cfg.max_patterns_per_connection,
+                len(accepted),
+            )
+            if refusal is not None:
+                refusals.append(refusal)
+            else:
+                accepted.append(topic)
+        refusals.extend(
+            TopicRefusal(topic, "bad_request", "since names a topic that is not in topics")
+            for topic in since
+            if topic not in seen
+        )
+        if self.is_closed():
+            return
+        fresh = [t for t in accepted if t not in self.topics]
+        for topic in fresh:
+            self.topics.add(topic)
+            if is_pattern(topic):
+                self.patterns += 1
+        resumes = {t: since[t] for t in accepted if t in since}
+        if resumes:
+            if self.holding is None:
+                self.holding = {}
+            for topic in resumes:
+                self.holding[topic] = []
+        for topic in fresh:
+            app.hub.subscribe(topic, self)
+        replays: dict[str, list[StoredEvent]] = {}
+        for topic in accepted:
+            if topic in resumes:
+                ack, events = await resume(app, topic, resumes[topic], command.epoch)
+                replays[topic] = events
+            else:
+                head = 0 if is_pattern(topic) else await app.head(topic)
+                ack = TopicAck(topic, head, app.epoch, True)
+            acks.append(ack)
+        if self.is_closed():
+            return
+        self.reply(Subscribed(command.id, acks, refusals))
+        for topic, events in replays.items():
+            last = 0
+            for ev in events:
+                self.app.hub.queue(
+                    self,
+                    ws_text_frame(event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)),
+                )
+                last = ev.offset
+            self._release(topic, last)
+
+    def _release(self, topic: str, after: int) -> None:
+        """Send held live events past what the replay sent, and go live on the topic."""
+        if self.holding is None:
+            return
+        held = self.holding.pop(topic, [])
+        if not self.holding:
+            self.holding = None
+        for prepared in held:
+            if prepared.offset is None or prepared.offset > after:
+                self.app.hub.queue(self, prepared.ws)
+
+    async def _check(
+        self, topic: str, resuming: bool, max_topics: int, max_patterns: int, batch: int
+    ) -> TopicRefusal | None:
+        try:
+            validate_pattern(topic)
+        except TopicError as exc:
+            return TopicRefusal(topic, "bad_topic", str(exc))
+        if topic in self.topics:
+            return None
+        if len(self.topics) + batch >= max_topics:
+            return TopicRefusal(
+                topic,
+                "limit",
+                f"this connection already holds {max_topics} topics (ws.max_topics_per_connection)",
+            )
+        pattern = is_pattern(topic)
+        if pattern and self.patterns >= max_patterns:
+            return TopicRefusal(
+                topic,
+                "limit",
+                f"this connection already holds {max_patterns} patterns "
+                f"(ws.max_patterns_per_connection)",
+            )
+        if pattern and resuming:
+            return TopicRefusal(
+                topic, "bad_request", "since applies to concrete topics, not to patterns"
+            )
+        facts = await self.app.task_facts(topic)
+        reason = may_subscribe(self.principal, topic, facts)
+        if reason is not None:
+            return TopicRefusal(topic, "forbidden", reason)
+        return None
+
+
+def _request_id(payload: bytes) -> str | int | None:
+    """The ``id`` of a command that failed validation, so the error can still be matched."""
+    try:
+        value = msgspec.json.decode(payload)
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        return None
+    if isinstance(value, dict):
+        rid = value.get("id")
+        if isinstance(rid, str | int) and not isinstance(rid, bool):
+            return rid
+    return None
+
+
+async def resume(
+    app: App, topic: str, after: int, epoch: str | None
+) -> tuple[TopicAck, list[StoredEvent]]:
+    """Read what a client missed on one topic, or say it cannot be recovered.
+
+    Returns the ack for the topic and the events to replay (empty when not recovered):
+    never a partial replay reported as complete.
+    """
+    if epoch is not None and epoch != app.epoch:
+        head = await app.head(topic)
+        return TopicAck(topic, head, app.epoch, False), []
+    try:
+        replay = await app.read(topic, after, app.config.realtime.replay_max_events + 1)
+    except ApiError:
+        return TopicAck(topic, after, app.epoch, False), []
+    trimmed = replay.first > 0 and after < replay.first - 1
+    too_many = len(replay.events) > app.config.realtime.replay_max_events
+    future = after > replay.head
+    if trimmed or too_many or future:
+        return TopicAck(topic, replay.head, app.epoch, False), []
+    return TopicAck(topic, replay.head, app.epoch, True), replay.events
+
+
+def prepared_of(ev: StoredEvent) -> Prepared:
+    """The hub's encoded form of a stored event."""
+    return Prepared(
+        ev.topic, ev.event, ev.offset, event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)
+    )
