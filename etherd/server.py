@@ -60,6 +60,9 @@ class Server:
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
         self._tasks.append(loop.create_task(self._sweep()))
+        self._tasks.append(loop.create_task(self._sse_heartbeats()))
+        if self.config.store.retention:
+            self._tasks.append(loop.create_task(self._retention()))
 
     def install_signals(self) -> None:
         """SIGTERM and SIGINT stop gracefully; a second one exits at once."""
@@ -138,6 +141,32 @@ class Server:
                     session.ping_sent_at = now
                     session.transport.send_ping()
                 session.seen = False
+
+
+    async def _sse_heartbeats(self) -> None:
+        """Comment lines on idle SSE streams keep proxies from timing them out."""
+        app = self.app
+        assert app is not None
+        chunk = b"%x\r\n: heartbeat\n\n\r\n" % len(b": heartbeat\n\n")
+        while True:
+            await asyncio.sleep(self.config.realtime.sse_heartbeat_s)
+            for conn in list(app.sse_streams):
+                app.hub.queue(conn, chunk)
+
+    async def _retention(self) -> None:
+        """Trim the log per the retention rules, in small batches, forever."""
+        app = self.app
+        assert app is not None
+        cfg = self.config.store
+        while True:
+            await asyncio.sleep(cfg.retention_interval_s)
+            try:
+                deleted = await app.store.enforce_retention(cfg.retention, int(time.time() * 1000))
+            except Exception as exc:
+                log.warning("retention sweep failed: %s", exc)
+                continue
+            if deleted:
+                log.info("retention removed %d events", deleted)
 
 
 def banner(config: Config, port: int, dev: bool, store_url: str) -> str:

@@ -74,14 +74,14 @@ class Etherd:
         return f"ws://127.0.0.1:{self.port}/api/realtime"
 
     def start(self, timeout: float = 15.0) -> Etherd:
-        log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "etherd", "serve", "--config", str(self.config_path)],
-            stdout=log,
-            stderr=log,
-            env=self.env,
-            cwd=self.workdir,
-        )
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "etherd", "serve", "--config", str(self.config_path)],
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                cwd=self.workdir,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

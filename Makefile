@@ -1,0 +1,62 @@
+# etherd: two commands for a newcomer (make run, make test), and the rest for the team.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# Marker files: reinstall only when the packaging changes.
+RUNTIME := $(VENV)/.runtime-installed
+DEV     := $(VENV)/.dev-installed
+BENCH   := $(VENV)/.bench-installed
+
+.PHONY: run test lint typecheck unit integration conformance bench bench-micro bench-fanout clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(RUNTIME): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(DEV): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@ $(RUNTIME)
+
+$(BENCH): pyproject.toml $(DEV)
+	$(BIN)/pip install -q -e '.[dev,bench]'
+	touch $@
+
+## run: install etherd and serve on 127.0.0.1:8080 with the embedded SQLite store
+run: $(RUNTIME)
+	$(BIN)/etherd serve
+
+## test: install the development tools, then lint, type-check and run the whole suite
+test: $(DEV) lint typecheck
+	$(BIN)/python -m pytest
+
+lint: $(DEV)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+typecheck: $(DEV)
+	$(BIN)/mypy
+
+unit: $(DEV)
+	$(BIN)/python -m pytest tests/unit
+
+integration: $(DEV)
+	$(BIN)/python -m pytest tests/integration
+
+conformance: $(DEV)
+	bash tests/conformance/run.sh
+
+## bench: the standard benchmark set (a few minutes), printed as a table
+bench: bench-micro bench-fanout
+
+bench-micro: $(BENCH)
+	$(BIN)/python -m pytest bench/micro --benchmark-only -q -p no:cacheprovider
+
+bench-fanout: $(BENCH)
+	$(BIN)/python -m bench.fanout.matrix --quick
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data

@@ -1,0 +1,179 @@
+"""The hub without sockets: encode once, one write per sink per tick, slicing, holding."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import msgspec
+
+from etherd.eventlog import StoredEvent
+from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, ws_text_frame
+
+
+class FakeSink:
+    def __init__(self, kind: int = KIND_WS) -> None:
+        self.kind = kind
+        self.pending: list[bytes] = []
+        self.holding: dict[str, list[Prepared]] | None = None
+        self.alive = True
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+
+class Loop:
+    """Collects scheduled callbacks; run() plays one loop iteration's worth."""
+
+    def __init__(self) -> None:
+        self.ready: list[Callable[[], None]] = []
+
+    def call_soon(self, cb: Callable[[], None]) -> None:
+        self.ready.append(cb)
+
+    def run(self) -> int:
+        batch, self.ready = self.ready, []
+        for cb in batch:
+            cb()
+        return len(batch)
+
+
+def prepared(topic: str, n: int) -> Prepared:
+    return Prepared(topic, "e", n, b'{"n":%d}' % n)
+
+
+def frames(data: bytes) -> list[bytes]:
+    """Split concatenated unmasked server frames into payloads."""
+    out = []
+    while data:
+        assert data[0] == 0x81
+        n = data[1]
+        start = 2
+        if n == 126:
+            n, start = int.from_bytes(data[2:4], "big"), 4
+        elif n == 127:
+            n, start = int.from_bytes(data[2:10], "big"), 10
+        out.append(data[start : start + n])
+        data = data[start + n :]
+    return out
+
+
+def test_frame_lengths() -> None:
+    for size in (0, 125, 126, 65535, 65536):
+        payload = b"x" * size
+        assert frames(ws_text_frame(payload)) == [payload]
+
+
+def test_one_write_per_sink_per_tick() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    sinks = [FakeSink() for _ in range(3)]
+    for s in sinks:
+        hub.subscribe("t/a", s)
+    for n in range(1, 11):
+        hub.publish(prepared("t/a", n))
+    assert all(s.writes == [] for s in sinks)  # nothing written inside the tick
+    assert loop.run() == 1
+    for s in sinks:
+        assert len(s.writes) == 1
+        assert frames(s.writes[0]) == [b'{"n":%d}' % n for n in range(1, 11)]
+    assert hub.writes == 3 and hub.frames_queued == 30
+
+
+def test_frames_are_shared_not_copied() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    a, b = FakeSink(), FakeSink()
+    hub.subscribe("t/a", a)
+    hub.subscribe("t/>", b)
+    p = prepared("t/a", 1)
+    hub.publish(p)
+    loop.run()
+    assert a.writes[0] is p.ws and b.writes[0] is p.ws
+
+
+def test_sse_sinks_get_chunks() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    sse = FakeSink(KIND_SSE)
+    hub.subscribe("t/a", sse)
+    hub.publish(prepared("t/a", 7))
+    loop.run()
+    chunk = b'id: 7\nevent: e\ndata: {"n":7}\n\n'
+    assert sse.writes == [b"%x\r\n%s\r\n" % (len(chunk), chunk)]
+
+
+def test_large_fanout_is_sliced_and_keeps_order() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=10)
+    sinks = [FakeSink() for _ in range(35)]
+    for s in sinks:
+        hub.subscribe("t/a", s)
+    hub.publish(prepared("t/a", 1))
+    assert loop.run() == 1
+    assert sum(bool(s.writes) for s in sinks) == 10
+    hub.publish(prepared("t/a", 2))  # arrives while the first fan-out is still going
+    while loop.run():
+        pass
+    for s in sinks:
+        assert [p for w in s.writes for p in frames(w)] == [b'{"n":1}', b'{"n":2}']
+
+
+def test_dead_sinks_are_not_written() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s = FakeSink()
+    hub.subscribe("t/a", s)
+    hub.publish(prepared("t/a", 1))
+    s.alive = False
+    loop.run()
+    assert s.writes == [] and s.pending == []
+
+
+def test_holding_topic_keeps_live_events_aside() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s = FakeSink()
+    s.holding = {"t/a": []}
+    hub.subscribe("t/a", s)
+    hub.subscribe("t/b", s)
+    hub.publish(prepared("t/a", 5))
+    hub.publish(prepared("t/b", 1))
+    loop.run()
+    assert [p.offset for p in s.holding["t/a"]] == [5]
+    assert frames(s.writes[0]) == [b'{"n":1}']
+
+
+def test_unsubscribe_all_leaves_nothing() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s = FakeSink()
+    topics = ["t/a", "t/*", "u/>"]
+    for t in topics:
+        hub.subscribe(t, s)
+    assert hub.subscription_count == 3
+    hub.unsubscribe_all(topics, s)
+    assert hub.is_empty() and hub.publish(prepared("t/a", 1)) == 0
+
+
+def test_publish_stored_builds_the_envelope() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s = FakeSink()
+    hub.subscribe("tasks/x", s)
+    hub.publish_stored([StoredEvent("tasks/x", 3, 1_764_400_000_123, "os.harness.step",
+                                    b'{"task_id":"x","phase":"p"}')])
+    loop.run()
+    event = msgspec.json.decode(frames(s.writes[0])[0])
+    assert event == {
+        "type": "os.harness.step",
+        "event": "os.harness.step",
+        "topic": "tasks/x",
+        "offset": 3,
+        "ts": "2025-11-29T07:06:40.123Z",
+        "task_id": "x",
+        "phase": "p",
+    }
