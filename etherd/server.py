@@ -142,7 +142,6 @@ class Server:
                     session.transport.send_ping()
                 session.seen = False
 
-
     async def _sse_heartbeats(self) -> None:
         """Comment lines on idle SSE streams keep proxies from timing them out."""
         app = self.app

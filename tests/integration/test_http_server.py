@@ -126,9 +126,7 @@ def test_conflicting_length_headers_are_refused(etherd: Etherd) -> None:
 
 
 def test_oversized_head_gets_431(small: Etherd) -> None:
-    raw = raw_exchange(
-        small.port, b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n"
-    )
+    raw = raw_exchange(small.port, b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 4000 + b"\r\n\r\n")
     assert raw.startswith(b"HTTP/1.1 431")
     assert b"http.max_header_bytes" in raw
 
@@ -210,14 +208,18 @@ def test_publish_refusals(etherd: Etherd) -> None:
         ({}, {"topic": "tasks//a", "event": "e"}, "test", 422, "unprocessable"),
         ({}, {"topic": "tasks/*", "event": "e"}, "test", 422, "unprocessable"),
         ({}, {"topic": "tasks/a", "event": "bad name"}, "test", 422, "unprocessable"),
-        ({}, {"topic": "tasks/a", "event": "e", "data": {"offset": 1}}, "test", 422,
-         "unprocessable"),
+        (
+            {},
+            {"topic": "tasks/a", "event": "e", "data": {"offset": 1}},
+            "test",
+            422,
+            "unprocessable",
+        ),
         ({}, {"topic": "tasks/a", "event": "e", "data": []}, "test", 422, "unprocessable"),
         ({}, {"events": []}, "test", 422, "unprocessable"),
     ]
     for headers, body, token, status, code in cases:
-        got_status, got = etherd.request("POST", "/api/publish", body, token=token,
-                                         headers=headers)
+        got_status, got = etherd.request("POST", "/api/publish", body, token=token, headers=headers)
         assert (got_status, error_of(got)[0]) == (status, code), (body, got)
 
 
@@ -254,8 +256,7 @@ def test_idempotent_publish_returns_the_first_answer(etherd: Etherd) -> None:
     status, fresh = etherd.request("POST", "/api/publish", body, token="test")
     assert fresh["published"][0]["offset"] == first[1]["published"][0]["offset"] + 1
     other = {"topic": "idem/a", "event": "n", "data": {"v": 2}}
-    status, conflict = etherd.request("POST", "/api/publish", other, token="test",
-                                      headers=headers)
+    status, conflict = etherd.request("POST", "/api/publish", other, token="test", headers=headers)
     assert status == 409 and error_of(conflict)[0] == "idempotency_conflict"
 
 
@@ -274,12 +275,13 @@ def test_max_inflight(tmp_path: Path) -> None:
     # connections is partly refused with 503 and the JSON error, never a hang.
     server = Etherd(tmp_path, {"http": {"max_inflight": 1}}).start()
     try:
-        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5)
-                 for _ in range(20)]
+        socks = [socket.create_connection(("127.0.0.1", server.port), timeout=5) for _ in range(20)]
         body = b'{"events":[' + b",".join([b'{"topic":"x/y","event":"e"}'] * 200) + b"]}"
-        req = (b"POST /api/publish HTTP/1.1\r\nAuthorization: Bearer test\r\n"
-               b"Content-Type: application/json\r\nConnection: close\r\n"
-               b"Content-Length: %d\r\n\r\n" % len(body)) + body
+        req = (
+            b"POST /api/publish HTTP/1.1\r\nAuthorization: Bearer test\r\n"
+            b"Content-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: %d\r\n\r\n" % len(body)
+        ) + body
         for s in socks:
             s.sendall(req)
         statuses = []

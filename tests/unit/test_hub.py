@@ -164,8 +164,13 @@ def test_publish_stored_builds_the_envelope() -> None:
     hub = Hub(loop.call_soon, fanout_slice=1000)
     s = FakeSink()
     hub.subscribe("tasks/x", s)
-    hub.publish_stored([StoredEvent("tasks/x", 3, 1_764_400_000_123, "os.harness.step",
-                                    b'{"task_id":"x","phase":"p"}')])
+    hub.publish_stored(
+        [
+            StoredEvent(
+                "tasks/x", 3, 1_764_400_000_123, "os.harness.step", b'{"task_id":"x","phase":"p"}'
+            )
+        ]
+    )
     loop.run()
     event = msgspec.json.decode(frames(s.writes[0])[0])
     assert event == {
