@@ -28,6 +28,7 @@ from etherd.messages import (
     event_json,
 )
 from etherd.realtime import Session, resume
+from etherd.store import IdempotencyConflict
 from etherd.topics import TopicError, is_pattern, validate_pattern, validate_topic
 from etherd.ws import handoff
 
@@ -109,6 +110,18 @@ async def replayed(app: App, idem: Idempotency) -> Response | None:
             "this Idempotency-Key was used with a different body; use a new key",
         )
     return Response(answer.status, answer.body, headers=((b"Idempotent-Replayed", b"true"),))
+
+
+def answer_of_conflict(exc: IdempotencyConflict, write: Write) -> Response:
+    """A concurrent request with the same key committed first: answer as it was answered."""
+    assert write.idempotency is not None
+    if exc.existing.fingerprint != write.idempotency.fingerprint:
+        raise ApiError(
+            "idempotency_conflict",
+            "this Idempotency-Key was used with a different body; use a new key",
+        ) from None
+    existing = exc.existing
+    return Response(existing.status, existing.body, headers=((b"Idempotent-Replayed", b"true"),))
 
 
 # -- health --------------------------------------------------------------------------------
@@ -316,7 +329,10 @@ async def publish(app: App, request: Request) -> Response:
         return 200, _answer_body(items, stored, app.epoch)
 
     write = Write(durable, idem, respond if idem is not None else None)
-    stored = await app.commit(write)
+    try:
+        stored = await app.commit(write)
+    except IdempotencyConflict as exc:
+        return answer_of_conflict(exc, write)
     return Response(200, _answer_body(items, stored, app.epoch))
 
 
