@@ -74,7 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "serve":
         from etherd.server import run
 
-        return run(config)
+        # SIGHUP reloads from the same file, environment and flags; a LISTEN_FDS socket
+        # (systemd socket activation) is picked up by run().
+        return run(config, reload=lambda: _config(args))
     if args.command == "token":
         return _token(config, args)
     if args.command == "migrate":

@@ -27,7 +27,8 @@ from etherd.messages import (
     PublishEvent,
     event_json,
 )
-from etherd.realtime import Session, resume
+from etherd.metrics import metrics_endpoint
+from etherd.realtime import Session, hold, replay_to, resume
 from etherd.store import IdempotencyConflict
 from etherd.topics import TopicError, is_pattern, validate_pattern, validate_topic
 from etherd.ws import handoff
@@ -43,6 +44,7 @@ def install(app: App) -> None:
     r = app.router
     r.add("GET", "/healthz", lambda req, p: healthz(app, req))
     r.add("GET", "/readyz", lambda req, p: readyz(app, req))
+    r.add("GET", "/metrics", lambda req, p: metrics_endpoint(app, req))
     r.add("GET", "/api/realtime", lambda req, p: realtime(app, req))
     r.add("GET", "/api/realtime/config", lambda req, p: realtime_config(app, req))
     r.add("GET", "/api/events", lambda req, p: events(app, req, req.param("topic")))
@@ -248,7 +250,7 @@ def start_stream(app: App, conn: HttpConnection, topic: str, since: int | None) 
     conn.on_stream_closed = closed
     app.sse_streams.add(conn)
     if since is not None:
-        conn.holding = {topic: []}
+        hold(conn, topic, since)
     hub.subscribe(topic, conn)
     hub.queue(conn, _sse_comment(b"etherd stream " + topic.encode()))
     if since is not None:
@@ -263,21 +265,9 @@ async def _replay_stream(app: App, conn: HttpConnection, topic: str, since: int)
         # The client must reload state: say so with a named event, then go live.
         body = ENCODER.encode({"topic": topic, "offset": ack.offset, "epoch": ack.epoch})
         app.hub.queue(conn, _sse_chunk(b"event: reset\ndata: " + body + b"\n\n"))
-    last = since
-    for ev in stored:
-        app.hub.queue(conn, _prepared(ev).sse)
-        last = ev.offset
-    held = (conn.holding or {}).pop(topic, [])
-    conn.holding = None
-    for prepared in held:
-        if prepared.offset is None or prepared.offset > last:
-            app.hub.queue(conn, prepared.sse)
-
-
-def _prepared(ev: StoredEvent) -> Prepared:
-    return Prepared(
-        ev.topic, ev.event, ev.offset, event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)
-    )
+        replay_to(app, conn, topic, ack.offset, [])
+        return
+    replay_to(app, conn, topic, since, stored)
 
 
 def _sse_chunk(chunk: bytes) -> bytes:

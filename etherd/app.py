@@ -19,7 +19,7 @@ from etherd.errors import ApiError
 from etherd.eventlog import Replay, StoredEvent, Write
 from etherd.http import Handler, Request, Response, Stream, Upgrade, error_response
 from etherd.hub import Hub
-from etherd.routes import Router
+from etherd.metrics import LabelledRouter, Metrics
 from etherd.store import Batcher, Overloaded, Store, StoreUnavailable, open_store
 
 if TYPE_CHECKING:
@@ -39,7 +39,8 @@ class App:
         self.loop = asyncio.get_running_loop()
         self.auth = Authenticator(config.auth, dev=config.dev_auth)
         self.hub = Hub(self.loop.call_soon, config.ws.fanout_slice)
-        self.router: Router[Handler] = Router()
+        # A Router that also names the matched route template, for the metrics labels.
+        self.router: LabelledRouter[Handler] = LabelledRouter()
         self.store: Store = open_store(config)
         self.batcher = Batcher(
             self.store,
@@ -47,6 +48,7 @@ class App:
             max_delay_ms=config.store.batch_max_delay_ms,
             queue_max_rows=config.store.queue_max_rows,
             retry_max_delay_s=config.store.retry_max_delay_s,
+            on_committed=self.hub.publish_stored,
         )
         self.sessions: set[Session] = set()
         self.subjects: Counter[str] = Counter()
@@ -59,6 +61,8 @@ class App:
         self.responses: Counter[tuple[str, int]] = Counter()
         self.connections_total = 0
         self.slow_consumer_closes = 0
+        self.metrics = Metrics(self)
+        self.batcher.on_commit = self.metrics.on_commit
 
     @property
     def epoch(self) -> str:
@@ -92,21 +96,19 @@ class App:
             return error_response(ApiError("internal", "the server failed this request"))
 
     def count_response(self, request: Request | None, status: int) -> None:
-        """Count an answered request for metrics."""
-        self.responses[(request.path if request is not None else "-", status)] += 1
+        """Count an answered request for metrics (by route template) and access-log it."""
+        self.metrics.response(request, status)
 
     # -- event log -------------------------------------------------------------------------
 
     async def commit(self, write: Write) -> list[StoredEvent]:
-        """Store events durably (group commit), then fan them out; returns them stored."""
+        """Store events durably (group commit); the batcher fans them out on commit."""
         try:
-            stored = await self.batcher.submit(write)
+            return await self.batcher.submit(write)
         except Overloaded:
             raise ApiError("overloaded", "the event log is behind; retry shortly") from None
         except StoreUnavailable as exc:
             raise ApiError("not_ready", f"the event log is unavailable: {exc}") from None
-        self.hub.publish_stored(stored)
-        return stored
 
     async def head(self, topic: str) -> int:
         """Newest offset of a topic (0 if never written or the store cannot say)."""

@@ -55,6 +55,9 @@ class ServerConfig(_Section):
     shutdown_grace_s: PosFloat = 10.0
     # WebSocket clients are closed in batches spread over this window on a graceful stop.
     drain_window_s: NonNegFloat = 1.0
+    # On a graceful stop, /readyz answers 503 this long before the listener closes, so load
+    # balancers that poll it stop sending new connections first.
+    shutdown_delay_s: NonNegFloat = 0.0
     max_connections: Pos = 50_000
 
 

@@ -28,7 +28,7 @@ from urllib.parse import parse_qs
 import httptools
 
 from etherd.errors import ApiError
-from etherd.hub import KIND_SSE, Prepared
+from etherd.hub import KIND_SSE, Resuming
 from etherd.messages import error_body
 
 if TYPE_CHECKING:
@@ -67,7 +67,17 @@ _REASONS: Final = {
 class Request:
     """One parsed request."""
 
-    __slots__ = ("body", "headers", "keep_alive", "method", "path", "peer", "query", "upgrade")
+    __slots__ = (
+        "body",
+        "headers",
+        "keep_alive",
+        "method",
+        "path",
+        "peer",
+        "query",
+        "received",
+        "upgrade",
+    )
 
     def __init__(
         self,
@@ -88,6 +98,8 @@ class Request:
         self.keep_alive = keep_alive
         self.upgrade = upgrade
         self.peer = peer
+        # When parsing completed (time.perf_counter()), for the latency metrics.
+        self.received = time.perf_counter()
 
     def param(self, name: str) -> str | None:
         """The first value of a query parameter, or None."""
@@ -216,7 +228,7 @@ class HttpConnection(asyncio.Protocol):
         self.streaming = False
         self.alive = False
         self.pending: list[bytes] = []
-        self.holding: dict[str, list[Prepared]] | None = None
+        self.resuming: dict[str, Resuming] | None = None
         self.stream_topics: list[str] = []
         self.on_stream_closed: Callable[[], None] | None = None
 

@@ -19,11 +19,13 @@ its ``write`` decides what a write means (a WebSocket transport, an SSE stream, 
 a test). Scheduling is injected (``loop.call_soon`` in the server), which keeps this module
 free of asyncio and lets tests drive it by hand.
 
-Resume without a gap: a sink that is replaying a topic from the store holds live events of
-that topic in ``holding[topic]`` until the replay is written, then drops held events whose
-offset it already sent. ``publish`` matches subscribers when the event is published, so a
-subscriber added later never sees an event committed before it subscribed: that event is
-in the store for its replay.
+Resume without a gap or a duplicate: a sink that is replaying a topic from the store has a
+``Resuming`` entry for it. While the replay is read, live events of the topic are held
+aside; once the replay is written, held events past it are released, and live events at or
+below the replay's last offset are dropped (an event can be committed, and so be in the
+replay, a moment before it is published here). Within one process events reach ``publish``
+in offset order (the batcher fans out each commit before the next), so the first live event
+past that offset ends the check.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from etherd.eventlog import StoredEvent
 from etherd.messages import event_json
 from etherd.topics import TopicTrie
 
-__all__ = ["KIND_SSE", "KIND_WS", "Hub", "Prepared", "Sink", "ws_text_frame"]
+__all__ = ["KIND_SSE", "KIND_WS", "Hub", "Prepared", "Resuming", "Sink", "ws_text_frame"]
 
 KIND_WS: Final = 0
 KIND_SSE: Final = 1
@@ -78,13 +80,25 @@ class Prepared:
         return self.ws if kind == KIND_WS else self.sse
 
 
+class Resuming:
+    """Per-topic resume state of a sink (see the module docstring)."""
+
+    __slots__ = ("floor", "held")
+
+    def __init__(self, floor: int) -> None:
+        # Live events wait here while the replay is read; None once it is written.
+        self.held: list[Prepared] | None = []
+        # Offsets at or below this were sent by the replay (or the client had them).
+        self.floor = floor
+
+
 class Sink(Protocol):
     """What the hub needs from a subscriber (a WebSocket session or an SSE stream)."""
 
     kind: int
     pending: list[bytes]
-    # Topics being replayed from the store: live events wait here until the replay is out.
-    holding: dict[str, list[Prepared]] | None
+    # Topics being resumed from the store; None (the fast path) when there are none.
+    resuming: dict[str, Resuming] | None
     # False once the sink is closed; the hub then drops it without writing.
     alive: bool
 
@@ -165,9 +179,8 @@ class Hub:
         topic = prepared.topic
         ws = prepared.ws
         for sink in subs:
-            holding = sink.holding
-            if holding is not None and topic in holding:
-                holding[topic].append(prepared)
+            resuming = sink.resuming
+            if resuming is not None and topic in resuming and not _admit(sink, prepared):
                 continue
             pending = sink.pending
             if not pending:
@@ -178,6 +191,26 @@ class Hub:
             self._flush_scheduled = True
             self._schedule(self.flush)
         return len(subs)
+
+    def release(self, sink: Sink, topic: str, last: int) -> None:
+        """The replay of ``topic`` up to offset ``last`` is queued: let live events through."""
+        resuming = sink.resuming
+        state = resuming.get(topic) if resuming is not None else None
+        if state is None or state.held is None:
+            return
+        held, state.held = state.held, None
+        state.floor = max(state.floor, last)
+        for prepared in held:
+            resuming = sink.resuming
+            if resuming is None or topic not in resuming or _admit(sink, prepared):
+                self.queue(sink, prepared.variant(sink.kind))
+
+    def forget(self, sink: Sink, topic: str) -> None:
+        """Drop a sink's resume state for a topic (on unsubscribe)."""
+        if sink.resuming is not None:
+            sink.resuming.pop(topic, None)
+            if not sink.resuming:
+                sink.resuming = None
 
     def queue(self, sink: Sink, data: bytes) -> None:
         """Queue bytes for one sink in order with its fan-out (replies, replays)."""
@@ -214,3 +247,22 @@ class Hub:
                 nbytes += len(data)
         self.writes += writes
         self.bytes_written += nbytes
+
+
+def _admit(sink: Sink, prepared: Prepared) -> bool:
+    """Whether a live event of a resuming topic goes out now (True) or is held or dropped."""
+    resuming = sink.resuming
+    assert resuming is not None
+    state = resuming[prepared.topic]
+    if state.held is not None:
+        state.held.append(prepared)
+        return False
+    offset = prepared.offset
+    if offset is None:
+        return True
+    if offset <= state.floor:
+        return False
+    del resuming[prepared.topic]
+    if not resuming:
+        sink.resuming = None
+    return True

@@ -1,4 +1,10 @@
-"""Logging: human-readable lines by default, JSON lines with ``log.format = "json"``."""
+"""Logging: human-readable lines by default, JSON lines with ``log.format = "json"``.
+
+JSON lines carry ``ts`` (UTC, RFC 3339 with milliseconds), ``level``, ``logger`` and
+``message``, plus every context field passed with ``extra=`` (``task_id``, ``topic``,
+``peer``, ...). ``setup_logging`` may be called again at any time (SIGHUP) to change the
+level or the format; the access log (``log.access_log``) is the ``etherd.access`` logger.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +23,8 @@ __all__ = ["JsonFormatter", "setup_logging"]
 _STANDARD: Final = frozenset(
     vars(logging.LogRecord("", 0, "", 0, "", None, None)).keys() | {"message", "asctime"}
 )
-_ENCODER: Final = msgspec.json.Encoder()
+# Context values of other types (exceptions, paths, ...) are written as their str().
+_ENCODER: Final = msgspec.json.Encoder(enc_hook=str)
 
 
 class JsonFormatter(logging.Formatter):

@@ -19,7 +19,7 @@ import msgspec
 from etherd.auth import Principal, may_subscribe
 from etherd.errors import CLOSE_UNSUPPORTED_DATA, ApiError
 from etherd.eventlog import StoredEvent
-from etherd.hub import Prepared, ws_text_frame
+from etherd.hub import Prepared, Resuming, Sink, ws_text_frame
 from etherd.messages import (
     COMMAND_DECODER,
     ENCODER,
@@ -40,7 +40,7 @@ from etherd.ws import SessionBase
 if TYPE_CHECKING:
     from etherd.app import App
 
-__all__ = ["Session", "resume"]
+__all__ = ["Session", "hold", "replay_to", "resume"]
 
 log = logging.getLogger("etherd.realtime")
 
@@ -69,7 +69,7 @@ class Session(SessionBase):
         if self.topics:
             self.app.hub.unsubscribe_all(self.topics, self)
             self.topics.clear()
-        self.holding = None
+        self.resuming = None
         super().on_closed()
         self.app.session_closed(self)
 
@@ -124,8 +124,7 @@ class Session(SessionBase):
                 self.app.hub.unsubscribe(topic, self)
                 if is_pattern(topic):
                     self.patterns -= 1
-                if self.holding is not None:
-                    self.holding.pop(topic, None)
+                self.app.hub.forget(self, topic)
                 removed.append(topic)
         self.reply(Unsubscribed(command.id, removed))
 
@@ -165,18 +164,17 @@ class Session(SessionBase):
             if is_pattern(topic):
                 self.patterns += 1
         resumes = {t: since[t] for t in accepted if t in since}
-        if resumes:
-            if self.holding is None:
-                self.holding = {}
-            for topic in resumes:
-                self.holding[topic] = []
+        for topic, after in resumes.items():
+            hold(self, topic, after)
         for topic in fresh:
             app.hub.subscribe(topic, self)
-        replays: dict[str, list[StoredEvent]] = {}
+        # topic -> (offset the replay starts after, events to replay)
+        replays: dict[str, tuple[int, list[StoredEvent]]] = {}
         for topic in accepted:
             if topic in resumes:
                 ack, events = await resume(app, topic, resumes[topic], command.epoch)
-                replays[topic] = events
+                # Not recovered: the client reloads over HTTP and continues after the head.
+                replays[topic] = (resumes[topic] if ack.recovered else ack.offset, events)
             else:
                 head = 0 if is_pattern(topic) else await app.head(topic)
                 ack = TopicAck(topic, head, app.epoch, True)
@@ -184,26 +182,8 @@ class Session(SessionBase):
         if self.is_closed():
             return
         self.reply(Subscribed(command.id, acks, refusals))
-        for topic, events in replays.items():
-            last = 0
-            for ev in events:
-                self.app.hub.queue(
-                    self,
-                    ws_text_frame(event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)),
-                )
-                last = ev.offset
-            self._release(topic, last)
-
-    def _release(self, topic: str, after: int) -> None:
-        """Send held live events past what the replay sent, and go live on the topic."""
-        if self.holding is None:
-            return
-        held = self.holding.pop(topic, [])
-        if not self.holding:
-            self.holding = None
-        for prepared in held:
-            if prepared.offset is None or prepared.offset > after:
-                self.app.hub.queue(self, prepared.ws)
+        for topic, (after, events) in replays.items():
+            replay_to(self.app, self, topic, after, events)
 
     async def _check(
         self, topic: str, resuming: bool, max_topics: int, max_patterns: int, batch: int
@@ -280,3 +260,19 @@ def prepared_of(ev: StoredEvent) -> Prepared:
     return Prepared(
         ev.topic, ev.event, ev.offset, event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)
     )
+
+
+def hold(sink: Sink, topic: str, after: int) -> None:
+    """Start resuming a topic: live events wait until the replay is queued."""
+    if sink.resuming is None:
+        sink.resuming = {}
+    sink.resuming[topic] = Resuming(after)
+
+
+def replay_to(app: App, sink: Sink, topic: str, after: int, events: list[StoredEvent]) -> None:
+    """Queue a topic's replay for a sink, then release the live events held meanwhile."""
+    last = after
+    for ev in events:
+        app.hub.queue(sink, prepared_of(ev).variant(sink.kind))
+        last = ev.offset
+    app.hub.release(sink, topic, last)

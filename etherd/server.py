@@ -1,10 +1,20 @@
 """Composition root: build the app, listen on one port, keep sessions alive, stop cleanly.
 
-Stop order on SIGTERM or SIGINT: readiness turns false, the listener closes, idle HTTP
+Stop order on SIGTERM or SIGINT: readiness turns false (``/readyz`` answers 503 and systemd
+hears ``STOPPING=1``), after ``server.shutdown_delay_s`` the listener closes, idle HTTP
 connections and SSE streams end, WebSocket sessions are closed with 1001 in batches spread
 over ``server.drain_window_s``, in-flight requests get up to ``server.shutdown_grace_s`` to
 finish, the batcher commits what it holds, the store closes, and the process exits 0. A
-second signal exits at once.
+second signal exits at once (status 1).
+
+SIGHUP reloads the configuration from the same file, environment and flags: auth keys, the
+log level and format, and every limit read at use time take effect without dropping a
+connection; keys that need a new listener or store (``RESTART_ONLY``) keep their running
+values and a warning names them. What changed is logged (secrets masked). A configuration
+that does not load is logged and ignored: etherd keeps running as it was.
+
+Under systemd (``etherd.systemd``) etherd reports ``READY=1`` once it listens, pings the
+watchdog from the event loop, and serves on an inherited socket when socket-activated.
 """
 
 from __future__ import annotations
@@ -17,32 +27,73 @@ import socket
 import sys
 import time
 from collections.abc import Callable
+from typing import Any, Final
+
+import msgspec
 
 from etherd.api import install
 from etherd.app import App
-from etherd.config import Config
+from etherd.config import Config, ConfigError, is_loopback, masked
 from etherd.errors import CLOSE_GOING_AWAY, CLOSE_PING_TIMEOUT, CLOSE_TOKEN_EXPIRED
 from etherd.http import HttpConnection
+from etherd.logs import setup_logging
+from etherd.systemd import Notifier, listen_fds, watchdog_interval
 
-__all__ = ["Server", "run"]
+__all__ = ["RESTART_ONLY", "Server", "adopt_socket", "config_changes", "run", "serve"]
 
 log = logging.getLogger("etherd")
 
+# Keys a reload cannot apply: they are used once, to open the listener or the store.
+RESTART_ONLY: Final = frozenset(
+    {
+        "server.host",
+        "server.port",
+        "server.data_dir",
+        "store.url",
+        "store.migrate_on_start",
+        "store.pool_size",
+        "store.connect_timeout_s",
+        "ws.echo_path",
+        "ws.fanout_slice",
+    }
+)
+
 
 class Server:
-    """One etherd process: the app plus its listener, sweeps and stop sequence."""
+    """One etherd process: the app plus its listener, sweeps, signals and stop sequence."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        reload: Callable[[], Config] | None = None,
+        notifier: Notifier | None = None,
+        loaded: Config | None = None,
+    ) -> None:
+        """
+        Args:
+            config: the running configuration.
+            reload: loads the configuration again (on SIGHUP); None disables reloads.
+            notifier: where readiness goes (systemd); default from ``$NOTIFY_SOCKET``.
+            loaded: the configuration as loaded, when ``config`` was adjusted after loading
+                (an inherited socket replaces host and port); reloads compare against it.
+        """
         self.config = config
         self.app: App | None = None
         self._server: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self._signals = 0
         self._tasks: list[asyncio.Task[None]] = []
+        # Tasks that run until the very end of a stop (watchdog, loop lag).
+        self._background: list[asyncio.Task[None]] = []
+        self._reload = reload
+        self._loaded = loaded if loaded is not None else config
+        self.notifier = notifier if notifier is not None else Notifier()
         self.port = config.server.port
+        self.stopping = False
 
     async def start(self, sock: socket.socket | None = None) -> None:
-        """Open the store and start listening."""
+        """Open the store and start listening (on ``sock`` when given)."""
         app = App(self.config)
         self.app = app
         install(app)
@@ -61,14 +112,25 @@ class Server:
         self.port = int(bound[1])
         self._tasks.append(loop.create_task(self._sweep()))
         self._tasks.append(loop.create_task(self._sse_heartbeats()))
-        if self.config.store.retention:
-            self._tasks.append(loop.create_task(self._retention()))
+        self._tasks.append(loop.create_task(self._retention()))
+        self._background.append(loop.create_task(app.metrics.measure_loop_lag()))
+
+    def ready(self) -> None:
+        """Tell the service manager etherd serves, and start the watchdog pings."""
+        host = self.config.server.host
+        shown = f"[{host}]" if ":" in host else host
+        self.notifier.ready(f"listening on {shown}:{self.port}")
+        interval = watchdog_interval()
+        if interval is not None:
+            loop = asyncio.get_running_loop()
+            self._background.append(loop.create_task(self._watchdog(interval)))
 
     def install_signals(self) -> None:
-        """SIGTERM and SIGINT stop gracefully; a second one exits at once."""
+        """SIGTERM and SIGINT stop gracefully (a second one exits at once); SIGHUP reloads."""
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hangup)
 
     def _on_signal(self, sig: int) -> None:
         self._signals += 1
@@ -77,6 +139,12 @@ class Server:
             os._exit(1)
         log.info("%s: stopping gracefully", signal.Signals(sig).name)
         self.request_stop()
+
+    def _on_hangup(self) -> None:
+        if self.stopping:
+            log.info("SIGHUP while stopping: ignored")
+            return
+        self.reload()
 
     def request_stop(self) -> None:
         """Begin the graceful stop."""
@@ -92,19 +160,30 @@ class Server:
         app = self.app
         assert app is not None and self._server is not None
         cfg = self.config.server
+        self.stopping = True
         app.draining = True
+        sessions = len(app.sessions)
+        budget = cfg.shutdown_delay_s + cfg.drain_window_s + cfg.shutdown_grace_s + 5.0
+        self.notifier.stopping(f"draining {sessions} WebSocket sessions", extend_s=budget)
+        log.info(
+            "draining: readiness is off; %d WebSocket sessions, %d HTTP connections",
+            sessions,
+            len(app.http_connections),
+        )
+        if cfg.shutdown_delay_s:
+            await asyncio.sleep(cfg.shutdown_delay_s)
         self._server.close()
         for conn in list(app.http_connections):
             conn.close_if_idle()
-        sessions = list(app.sessions)
-        if sessions:
-            batches = max(1, min(len(sessions), 20))
-            size = -(-len(sessions) // batches)
+        sessions_left = list(app.sessions)
+        if sessions_left:
+            batches = max(1, min(len(sessions_left), 20))
+            size = -(-len(sessions_left) // batches)
             pause = cfg.drain_window_s / batches
-            for i in range(0, len(sessions), size):
-                for session in sessions[i : i + size]:
+            for i in range(0, len(sessions_left), size):
+                for session in sessions_left[i : i + size]:
                     session.close(CLOSE_GOING_AWAY, "server stopping; reconnect and resume")
-                if pause and i + size < len(sessions):
+                if pause and i + size < len(sessions_left):
                     await asyncio.sleep(pause)
         deadline = time.monotonic() + cfg.shutdown_grace_s
         while time.monotonic() < deadline:
@@ -114,20 +193,109 @@ class Server:
             await asyncio.sleep(0.02)
         for conn in list(app.http_connections):
             conn.close_if_idle()
+        unfinished = sum(1 for c in app.http_connections if c.busy)
+        if unfinished:
+            log.warning(
+                "%d HTTP requests still running after %g s (server.shutdown_grace_s); closing them",
+                unfinished,
+                cfg.shutdown_grace_s,
+            )
         for task in self._tasks:
             task.cancel()
         await app.close()
-        await self._server.wait_closed() if not app.http_connections else None
+        for task in self._background:
+            task.cancel()
+        await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
+        self.notifier.close()
         log.info("stopped")
+
+    # -- reload ----------------------------------------------------------------------------
+
+    def reload(self) -> bool:
+        """Load the configuration again and apply what can change while running.
+
+        Returns True when a new configuration was applied; on any error the running one
+        stays in force and the error is logged.
+        """
+        if self._reload is None:
+            log.warning("SIGHUP: this server has no configuration source to reload from")
+            return False
+        self.notifier.reloading()
+        try:
+            loaded = self._reload()
+            self._apply(loaded)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running configuration: %s", exc)
+            return False
+        except Exception:
+            log.exception("reload failed, keeping the running configuration")
+            return False
+        finally:
+            self.notifier.ready(f"listening on port {self.port}")
+        return True
+
+    def _apply(self, loaded: Config) -> None:
+        app = self.app
+        assert app is not None
+        running = self.config
+        ignored = [c for c in config_changes(self._loaded, loaded) if c[0] in RESTART_ONLY]
+        data = msgspec.to_builtins(loaded)
+        current = msgspec.to_builtins(running)
+        for key in RESTART_ONLY:
+            section, name = key.split(".")
+            data[section][name] = current[section][name]
+        try:
+            new = msgspec.convert(data, Config)
+        except msgspec.ValidationError as exc:  # pragma: no cover - same values as before
+            raise ConfigError(f"invalid configuration: {exc}") from None
+        # Keys first: a key file that cannot be read refuses the whole reload.
+        app.auth.reload(new.auth, dev=new.dev_auth)
+        changes = config_changes(running, new)
+        if new.log != running.log:
+            setup_logging(new.log)
+        batcher = app.batcher
+        batcher.max_rows = new.store.batch_max_rows
+        batcher.max_delay_s = new.store.batch_max_delay_ms / 1000
+        batcher.queue_max_rows = new.store.queue_max_rows
+        batcher.retry_max_delay_s = new.store.retry_max_delay_s
+        app.config = new
+        self.config = new
+        self._loaded = loaded
+        for key, old, value in ignored:
+            log.warning(
+                "reload: %s changed (%s -> %s) but needs a restart; keeping %s",
+                key,
+                old,
+                value,
+                old,
+                extra={"key": key},
+            )
+        if changes:
+            log.info(
+                "reload: applied %s",
+                ", ".join(f"{key} {old} -> {value}" for key, old, value in changes),
+                extra={"changed": [key for key, _, _ in changes]},
+            )
+        else:
+            log.info("reload: no configuration changes; auth keys re-read")
+        log.debug("reload complete")
+
+    # -- background tasks ------------------------------------------------------------------
+
+    async def _watchdog(self, interval: float) -> None:
+        """Ping systemd's watchdog from the loop: a stuck loop stops the pings."""
+        while True:
+            self.notifier.watchdog()
+            await asyncio.sleep(interval)
 
     async def _sweep(self) -> None:
         """Ping silent sessions, drop ones that stay silent, close expired tokens."""
         app = self.app
         assert app is not None
-        cfg = self.config.ws
-        interval = min(cfg.ping_interval_s, cfg.ping_timeout_s)
         while True:
-            await asyncio.sleep(interval)
+            cfg = self.config.ws
+            await asyncio.sleep(min(cfg.ping_interval_s, cfg.ping_timeout_s))
+            cfg = self.config.ws
             now = time.monotonic()
             wall = time.time()
             for session in list(app.sessions):
@@ -153,19 +321,68 @@ class Server:
                 app.hub.queue(conn, chunk)
 
     async def _retention(self) -> None:
-        """Trim the log per the retention rules, in small batches, forever."""
+        """Trim the log per the retention rules (re-read on every pass), forever."""
         app = self.app
         assert app is not None
-        cfg = self.config.store
         while True:
-            await asyncio.sleep(cfg.retention_interval_s)
+            await asyncio.sleep(self.config.store.retention_interval_s)
+            rules = self.config.store.retention
+            if not rules:
+                continue
             try:
-                deleted = await app.store.enforce_retention(cfg.retention, int(time.time() * 1000))
+                deleted = await app.store.enforce_retention(rules, int(time.time() * 1000))
             except Exception as exc:
                 log.warning("retention sweep failed: %s", exc)
                 continue
             if deleted:
                 log.info("retention removed %d events", deleted)
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, str, str]]:
+    """``(section.key, old, new)`` for every key that differs, values shown masked."""
+    raw_old, raw_new = _flat(msgspec.to_builtins(old)), _flat(msgspec.to_builtins(new))
+    shown_old, shown_new = _flat(masked(old)), _flat(masked(new))
+    return [
+        (key, _show(shown_old.get(key)), _show(shown_new[key]))
+        for key in sorted(raw_new)
+        if raw_old.get(key) != raw_new[key]
+    ]
+
+
+def _flat(data: dict[str, Any]) -> dict[str, Any]:
+    return {
+        f"{section}.{key}": value
+        for section, values in data.items()
+        for key, value in values.items()
+    }
+
+
+def _show(value: Any) -> str:
+    return msgspec.json.encode(value).decode()
+
+
+def adopt_socket(config: Config, sock: socket.socket) -> Config:
+    """The configuration for serving on an inherited socket: its address, not the file's.
+
+    Raises:
+        ConfigError: the socket is not a TCP socket, or development auth is forced on
+            (``auth.dev = true``) while the socket is reachable from the network.
+    """
+    if sock.family not in (socket.AF_INET, socket.AF_INET6) or sock.type != socket.SOCK_STREAM:
+        raise ConfigError(
+            f"the inherited socket (LISTEN_FDS) is {sock.family.name}/{sock.type.name}; "
+            f"etherd serves on a TCP socket (ListenStream=ADDRESS:PORT in etherd.socket)"
+        )
+    host, port = sock.getsockname()[:2]
+    adopted = msgspec.structs.replace(
+        config, server=msgspec.structs.replace(config.server, host=host, port=port)
+    )
+    if adopted.auth.dev and not is_loopback(host):
+        raise ConfigError(
+            f"auth.dev = true needs a loopback listener, but the inherited socket listens on "
+            f"{host}; development tokens must never be reachable from the network"
+        )
+    return adopted
 
 
 def banner(config: Config, port: int, dev: bool, store_url: str) -> str:
@@ -204,9 +421,34 @@ async def serve(
     *,
     sock: socket.socket | None = None,
     on_ready: Callable[[Server], None] | None = None,
+    reload: Callable[[], Config] | None = None,
 ) -> int:
-    """Run etherd until stopped; returns the exit code."""
-    server = Server(config)
+    """Run etherd until stopped; returns the exit code.
+
+    Without ``sock``, a socket passed by systemd socket activation (``LISTEN_FDS``) is
+    used when there is one; otherwise etherd binds ``server.host:server.port``.
+    """
+    loaded = config
+    if sock is None:
+        try:
+            inherited = listen_fds()
+        except ValueError as exc:
+            log.error("cannot use the inherited sockets: %s", exc)
+            return 2
+        if len(inherited) > 1:
+            log.error(
+                "systemd passed %d sockets (LISTEN_FDS); etherd serves on exactly one port",
+                len(inherited),
+            )
+            return 2
+        sock = inherited[0] if inherited else None
+    if sock is not None:
+        try:
+            config = adopt_socket(config, sock)
+        except ConfigError as exc:
+            log.error("%s", exc)
+            return 2
+    server = Server(config, reload=reload, loaded=loaded)
     try:
         await server.start(sock)
     except OSError as exc:
@@ -216,17 +458,35 @@ async def serve(
     assert server.app is not None
     for note in server.app.auth.notes:
         log.warning("%s", note)
-    print(
-        banner(config, server.port, config.dev_auth, config.store_url), file=sys.stderr, flush=True
-    )
+    text = banner(config, server.port, config.dev_auth, config.store_url)
+    if config.log.format == "json":
+        # One JSON object per line on stderr: the banner goes through the log as well.
+        first = text.split("\n", 1)[0]
+        log.info(
+            "%s",
+            first,
+            extra={"host": config.server.host, "port": server.port, "inherited": sock is not None},
+        )
+        if config.dev_auth:
+            log.warning("development auth is ON: the token 'test' is accepted as an admin")
+    else:
+        print(text, file=sys.stderr, flush=True)
+    server.ready()
     if on_ready is not None:
         on_ready(server)
     await server.wait()
     return 0
 
 
-def run(config: Config, sock: socket.socket | None = None) -> int:
-    """Run etherd on uvloop (the process entry point for ``etherd serve``)."""
+def run(
+    config: Config,
+    sock: socket.socket | None = None,
+    reload: Callable[[], Config] | None = None,
+) -> int:
+    """Run etherd on uvloop (the process entry point for ``etherd serve``).
+
+    ``reload`` loads the configuration again from the same sources, for SIGHUP.
+    """
     import uvloop
 
-    return uvloop.run(serve(config, sock=sock))
+    return uvloop.run(serve(config, sock=sock, reload=reload))

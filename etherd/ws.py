@@ -31,7 +31,7 @@ from etherd.errors import (
     CLOSE_UNSUPPORTED_DATA,
     valid_close_code,
 )
-from etherd.hub import KIND_WS, Prepared
+from etherd.hub import KIND_WS, Resuming
 
 if TYPE_CHECKING:
     import asyncio
@@ -248,7 +248,7 @@ class SessionBase(Framing):
     def __init__(self, max_message_bytes: int, max_pending_bytes: int) -> None:
         super().__init__(max_message_bytes)
         self.pending: list[bytes] = []
-        self.holding: dict[str, list[Prepared]] | None = None
+        self.resuming: dict[str, Resuming] | None = None
         self.alive = False
         self._max_pending = max_pending_bytes
         self._raw_write: Callable[[bytes], None] | None = None

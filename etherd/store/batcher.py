@@ -47,6 +47,9 @@ class Batcher:
     Counters (plain ints and floats, for metrics): ``batches``, ``rows``,
     ``last_batch_rows``, ``commit_seconds_total``, ``errors`` (failed commits).
     ``on_commit(seconds, rows)`` is called after every successful commit.
+    ``on_committed(events)`` receives each committed write's events, in commit order, before
+    any submitter resumes: fan-out goes through it so subscribers see events in offset order
+    and as soon as they are durable, even if the submitter has gone away.
     """
 
     def __init__(
@@ -58,6 +61,7 @@ class Batcher:
         queue_max_rows: int,
         retry_max_delay_s: float,
         on_commit: Callable[[float, int], None] | None = None,
+        on_committed: Callable[[list[StoredEvent]], object] | None = None,
     ) -> None:
         self.store = store
         self.max_rows = max_rows
@@ -65,6 +69,7 @@ class Batcher:
         self.queue_max_rows = queue_max_rows
         self.retry_max_delay_s = retry_max_delay_s
         self.on_commit = on_commit
+        self.on_committed = on_committed
 
         self.batches = 0
         self.rows = 0
@@ -207,6 +212,10 @@ class Batcher:
         self.commit_seconds_total += seconds
         if self.on_commit is not None:
             self.on_commit(seconds, rows)
+        if self.on_committed is not None:
+            for result in results:
+                if not isinstance(result, BaseException):
+                    self.on_committed(result)
         for item, result in zip(batch, results, strict=True):
             if item.future.done():
                 continue

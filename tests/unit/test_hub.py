@@ -7,14 +7,14 @@ from collections.abc import Callable
 import msgspec
 
 from etherd.eventlog import StoredEvent
-from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, ws_text_frame
+from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, ws_text_frame
 
 
 class FakeSink:
     def __init__(self, kind: int = KIND_WS) -> None:
         self.kind = kind
         self.pending: list[bytes] = []
-        self.holding: dict[str, list[Prepared]] | None = None
+        self.resuming: dict[str, Resuming] | None = None
         self.alive = True
         self.writes: list[bytes] = []
 
@@ -133,18 +133,44 @@ def test_dead_sinks_are_not_written() -> None:
     assert s.writes == [] and s.pending == []
 
 
-def test_holding_topic_keeps_live_events_aside() -> None:
+def test_resume_holds_then_releases_without_duplicates() -> None:
     loop = Loop()
     hub = Hub(loop.call_soon, fanout_slice=1000)
     s = FakeSink()
-    s.holding = {"t/a": []}
+    s.resuming = {"t/a": Resuming(2)}
     hub.subscribe("t/a", s)
     hub.subscribe("t/b", s)
-    hub.publish(prepared("t/a", 5))
-    hub.publish(prepared("t/b", 1))
+    hub.publish(prepared("t/a", 5))  # committed after the replay was read: held
+    hub.publish(prepared("t/b", 1))  # another topic: not affected
     loop.run()
-    assert [p.offset for p in s.holding["t/a"]] == [5]
     assert frames(s.writes[0]) == [b'{"n":1}']
+    # The replay held 3..5 (5 committed before the read but published after it).
+    for n in (3, 4, 5):
+        hub.queue(s, prepared("t/a", n).ws)
+    hub.release(s, "t/a", 5)
+    hub.publish(prepared("t/a", 5))  # the same event published late: dropped
+    hub.publish(prepared("t/a", 6))
+    hub.publish(prepared("t/a", 7))
+    loop.run()
+    got = [p for w in s.writes[1:] for p in frames(w)]
+    assert got == [b'{"n":%d}' % n for n in (3, 4, 5, 6, 7)]
+    assert s.resuming is None  # the first event past the replay ends the check
+
+
+def test_release_passes_held_events_past_the_replay() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s = FakeSink()
+    s.resuming = {"t/a": Resuming(0)}
+    hub.subscribe("t/a", s)
+    for n in (1, 2, 3):
+        hub.publish(prepared("t/a", n))
+    hub.queue(s, prepared("t/a", 1).ws)  # the replay saw only event 1
+    hub.release(s, "t/a", 1)
+    loop.run()
+    assert [p for w in s.writes for p in frames(w)] == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    hub.forget(s, "t/a")
+    assert s.resuming is None
 
 
 def test_unsubscribe_all_leaves_nothing() -> None:
