@@ -100,8 +100,8 @@ def test_kill_9_loses_no_acknowledged_event(tmp_path: Path, store_url: str) -> N
             stored = [(e["c"], e["n"]) for e in events]
             assert len(stored) == len(set(stored))  # nothing stored twice
             by_offset = {e["offset"]: (e["c"], e["n"]) for e in events}
-            for (t, client), items in acked.items():
-                if t != topic:
+            for (acked_topic, client), items in acked.items():
+                if acked_topic != topic:
                     continue
                 for offset, n in items:
                     assert by_offset.get(offset) == (client, n), (topic, offset)
@@ -135,7 +135,7 @@ def test_resume_while_events_are_committed(tmp_path: Path, store_url: str) -> No
                     )
                     ack = json.loads(ws.recv(timeout=10))
                     assert ack["topics"][0]["recovered"] is True
-                    got = []
+                    got: list[int] = []
                     target = ack["topics"][0]["offset"] + 30
                     while not got or got[-1] < target:
                         got.append(json.loads(ws.recv(timeout=10))["offset"])
