@@ -6,6 +6,8 @@ Handlers take a parsed ``Request`` and return a ``Response`` (or a ``Stream`` or
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import time
 from typing import Final, TypeVar
@@ -154,6 +156,7 @@ async def realtime(app: App, request: Request) -> Upgrade:
     """``GET /api/realtime``: authenticate, then hand the connection to picows."""
     if not request.upgrade or request.headers.get("upgrade", "").lower() != "websocket":
         raise ApiError("upgrade_required", "this endpoint speaks WebSocket; send an upgrade")
+    check_handshake(request)
     if app.draining:
         raise ApiError("not_ready", "draining: the server is stopping")
     principal = authenticate(app, request, query_token=True)
@@ -179,12 +182,31 @@ async def realtime(app: App, request: Request) -> Upgrade:
     )
 
 
+def check_handshake(request: Request) -> None:
+    """Refuse a malformed handshake with a JSON error before picows sees it (RFC 6455 4.2.1)."""
+    version = request.headers.get("sec-websocket-version", "")
+    if version.strip() != "13":
+        raise ApiError(
+            "upgrade_required", f"Sec-WebSocket-Version must be 13, got {version[:20]!r}"
+        )
+    key = request.headers.get("sec-websocket-key", "").strip()
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != 16:
+        raise ApiError(
+            "bad_request", "Sec-WebSocket-Key must be 16 random bytes in base64 (RFC 6455 4.1)"
+        )
+
+
 async def echo(app: App, request: Request) -> Upgrade:
     """The conformance-suite echo peer (only when ``ws.echo_path`` is set)."""
     from etherd.ws import Echo
 
     if not request.upgrade:
         raise ApiError("upgrade_required", "this endpoint speaks WebSocket; send an upgrade")
+    check_handshake(request)
     cfg = app.config.ws
     return Upgrade(
         lambda transport, req, tail: handoff(

@@ -13,6 +13,8 @@ import time
 from collections import Counter
 from typing import TYPE_CHECKING
 
+import msgspec
+
 from etherd.auth import Authenticator, TaskFacts, task_id_of
 from etherd.config import Config
 from etherd.errors import ApiError
@@ -27,6 +29,16 @@ if TYPE_CHECKING:
     from etherd.realtime import Session
 
 __all__ = ["App"]
+
+
+class _Facts(msgspec.Struct):
+    """The two fields of a stored task that topic authorisation needs."""
+
+    owner: str
+    holder: str | None = None
+
+
+_FACTS = msgspec.json.Decoder(_Facts)
 
 log = logging.getLogger("etherd")
 
@@ -90,6 +102,8 @@ class App:
             headers: tuple[tuple[bytes, bytes], ...] = ()
             if exc.code == "unauthorized":
                 headers = ((b"WWW-Authenticate", b'Bearer realm="etherd"'),)
+            elif exc.code == "upgrade_required":
+                headers = ((b"Upgrade", b"websocket"), (b"Sec-WebSocket-Version", b"13"))
             return error_response(exc, headers)
         except Exception:
             log.exception("%s %s failed", request.method, request.path)
@@ -126,9 +140,17 @@ class App:
 
     async def task_facts(self, topic: str) -> TaskFacts | None:
         """Owner and lease holder of the task behind a ``tasks/{id}`` topic, if any."""
-        if task_id_of(topic) is None:
+        task_id = task_id_of(topic)
+        if task_id is None:
             return None
-        return None
+        try:
+            raw = await self.store.get_task(task_id)
+        except StoreUnavailable:
+            return None
+        if raw is None:
+            return None
+        facts = _FACTS.decode(raw)
+        return TaskFacts(owner=facts.owner, holder=facts.holder)
 
     # -- sessions --------------------------------------------------------------------------
 

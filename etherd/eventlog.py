@@ -5,6 +5,10 @@ An event is identified by ``(topic, offset)``. Offsets start at 1 in each topic,
 per stored event (gap-free among stored events, retention only trims the oldest), and are
 meaningful only within one ``epoch``: a reset log gets a new epoch so a client can tell a
 resume from a restart.
+
+A write may also carry a task row (``TaskWrite``): the store keeps it in the same transaction
+as the write's events, with optimistic concurrency on the row's version, so task state and
+event history never disagree.
 """
 
 from __future__ import annotations
@@ -14,7 +18,15 @@ from dataclasses import dataclass
 
 import msgspec
 
-__all__ = ["Idempotency", "IdempotentAnswer", "NewEvent", "Replay", "StoredEvent", "Write"]
+__all__ = [
+    "Idempotency",
+    "IdempotentAnswer",
+    "NewEvent",
+    "Replay",
+    "StoredEvent",
+    "TaskWrite",
+    "Write",
+]
 
 
 class NewEvent(msgspec.Struct, gc=False, frozen=True):
@@ -57,6 +69,29 @@ class IdempotentAnswer(msgspec.Struct, gc=False, frozen=True):
     body: bytes
 
 
+@dataclass(slots=True, frozen=True)
+class TaskWrite:
+    """A task row to store with a write's events.
+
+    The columns the store queries on are copied out of the task; ``data`` is the whole task
+    and is what the store's task reads return, byte for byte.
+    """
+
+    id: str
+    owner: str
+    status: str
+    created_ms: int
+    updated_ms: int
+    lease_expires_ms: int | None
+    holder: str | None
+    # The new version; greater than ``expected_version``.
+    version: int
+    # The version the change was computed from; 0 = create (the row must not exist).
+    expected_version: int
+    # The whole Task as msgspec JSON.
+    data: bytes
+
+
 @dataclass(slots=True)
 class Write:
     """One unit of a group commit: its events are stored together, all or none."""
@@ -66,6 +101,9 @@ class Write:
     # Called by the store inside the transaction, after offsets are assigned, to produce the
     # (status, body) answer kept under the idempotency key.
     respond: Callable[[list[StoredEvent]], tuple[int, bytes]] | None = None
+    # A task row stored with the events, only if its version still is ``expected_version``
+    # (else the whole write is refused with ``TaskConflict``).
+    task: TaskWrite | None = None
 
 
 class Replay(msgspec.Struct, gc=False, frozen=True):

@@ -9,7 +9,7 @@ front of the event's own JSON object, so user data passes through without a deco
 from __future__ import annotations
 
 import re
-from typing import Annotated, Any, Final
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
@@ -195,3 +195,54 @@ def encode_fields(fields: dict[str, Any] | dict[str, msgspec.Raw]) -> bytes:
 def error_body(code: str, message: str) -> bytes:
     """The HTTP error body of contract section 8."""
     return ENCODER.encode(ErrorBody(ErrorDetail(code, message)))
+
+
+# --- task API bodies (contract section 7) -------------------------------------------------
+
+
+class CreateTaskBody(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    prompt: str
+    title: str | None = None
+    definition_of_done: str | None = None
+    scope: dict[str, Any] = msgspec.field(default_factory=dict)
+    context_refs: list[Any] = msgspec.field(default_factory=list)
+    # Only service and admin tokens may create a task for someone else.
+    owner: str | None = None
+
+
+class ClaimBody(msgspec.Struct, gc=False):
+    # Defaults to the X-Ether-Harness-App header.
+    app_id: str | None = None
+
+
+class RunBody(msgspec.Struct, gc=False):
+    run_id: str
+
+
+class StepBody(msgspec.Struct, gc=False):
+    run_id: str
+    phase: str
+    user_message: str
+    internal_label: str = ""
+
+
+class InterruptBody(msgspec.Struct, gc=False):
+    run_id: str
+    question: str
+    options: list[str] = msgspec.field(default_factory=list)
+
+
+class ResultBody(msgspec.Struct, gc=False):
+    run_id: str
+    status: Literal["submitted", "no_changes", "blocked", "failed"]
+    agent_status: str = ""
+    artifact: dict[str, Any] | None = None
+    working_summary: str | None = None
+    question: str | None = None
+    options: list[str] = msgspec.field(default_factory=list)
+    error: str | None = None
+
+
+class AnswerBody(msgspec.Struct, forbid_unknown_fields=True, gc=False):
+    answer: str = ""
+    option: str | None = None

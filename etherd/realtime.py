@@ -136,6 +136,8 @@ class Session(SessionBase):
         refusals: list[TopicRefusal] = []
         accepted: list[str] = []
         seen: set[str] = set()
+        new_topics = 0
+        new_patterns = 0
         for topic in command.topics:
             if topic in seen:
                 continue
@@ -143,14 +145,16 @@ class Session(SessionBase):
             refusal = await self._check(
                 topic,
                 topic in since,
-                cfg.max_topics_per_connection,
-                cfg.max_patterns_per_connection,
-                len(accepted),
+                cfg.max_topics_per_connection - new_topics,
+                cfg.max_patterns_per_connection - new_patterns,
             )
             if refusal is not None:
                 refusals.append(refusal)
-            else:
-                accepted.append(topic)
+                continue
+            accepted.append(topic)
+            if topic not in self.topics:
+                new_topics += 1
+                new_patterns += is_pattern(topic)
         refusals.extend(
             TopicRefusal(topic, "bad_request", "since names a topic that is not in topics")
             for topic in since
@@ -186,31 +190,35 @@ class Session(SessionBase):
             replay_to(self.app, self, topic, after, events)
 
     async def _check(
-        self, topic: str, resuming: bool, max_topics: int, max_patterns: int, batch: int
+        self, topic: str, resuming: bool, topics_left: int, patterns_left: int
     ) -> TopicRefusal | None:
+        """Why a topic cannot be subscribed (None if it can); the limits count what this
+        subscribe already accepted."""
         try:
             validate_pattern(topic)
         except TopicError as exc:
             return TopicRefusal(topic, "bad_topic", str(exc))
-        if topic in self.topics:
-            return None
-        if len(self.topics) + batch >= max_topics:
-            return TopicRefusal(
-                topic,
-                "limit",
-                f"this connection already holds {max_topics} topics (ws.max_topics_per_connection)",
-            )
         pattern = is_pattern(topic)
-        if pattern and self.patterns >= max_patterns:
-            return TopicRefusal(
-                topic,
-                "limit",
-                f"this connection already holds {max_patterns} patterns "
-                f"(ws.max_patterns_per_connection)",
-            )
         if pattern and resuming:
             return TopicRefusal(
                 topic, "bad_request", "since applies to concrete topics, not to patterns"
+            )
+        if topic in self.topics:
+            return None
+        cfg = self.app.config.ws
+        if len(self.topics) >= topics_left:
+            return TopicRefusal(
+                topic,
+                "limit",
+                f"this connection already holds {cfg.max_topics_per_connection} topics "
+                f"(ws.max_topics_per_connection)",
+            )
+        if pattern and self.patterns >= patterns_left:
+            return TopicRefusal(
+                topic,
+                "limit",
+                f"this connection already holds {cfg.max_patterns_per_connection} patterns "
+                f"(ws.max_patterns_per_connection)",
             )
         facts = await self.app.task_facts(topic)
         reason = may_subscribe(self.principal, topic, facts)

@@ -31,6 +31,7 @@ from typing import Any, Final
 
 import msgspec
 
+from etherd import task_api
 from etherd.api import install
 from etherd.app import App
 from etherd.config import Config, ConfigError, is_loopback, masked
@@ -97,6 +98,7 @@ class Server:
         app = App(self.config)
         self.app = app
         install(app)
+        task_api.install(app)
         await app.start()
         loop = asyncio.get_running_loop()
         cfg = self.config.server
@@ -113,6 +115,7 @@ class Server:
         self._tasks.append(loop.create_task(self._sweep()))
         self._tasks.append(loop.create_task(self._sse_heartbeats()))
         self._tasks.append(loop.create_task(self._retention()))
+        self._tasks.append(loop.create_task(task_api.sweep_leases(app)))
         self._background.append(loop.create_task(app.metrics.measure_loop_lag()))
 
     def ready(self) -> None:
@@ -273,7 +276,10 @@ class Server:
         if changes:
             log.info(
                 "reload: applied %s",
-                ", ".join(f"{key} {old} -> {value}" for key, old, value in changes),
+                ", ".join(
+                    f"{key} {old} -> {value}" if old != value else f"{key} changed (masked)"
+                    for key, old, value in changes
+                ),
                 extra={"changed": [key for key, _, _ in changes]},
             )
         else:

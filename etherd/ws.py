@@ -15,6 +15,7 @@ off unless ``ws.echo_path`` is set.
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 import logging
 from collections.abc import Callable
@@ -34,8 +35,6 @@ from etherd.errors import (
 from etherd.hub import KIND_WS, Resuming
 
 if TYPE_CHECKING:
-    import asyncio
-
     from etherd.http import Request
 
 __all__ = ["Echo", "Framing", "handoff"]
@@ -46,6 +45,13 @@ _picows_log = logging.getLogger("picows.server")
 # picows keeps a 2 KiB read buffer minimum; subscribers send little, so that is enough and
 # keeps 10,000 idle connections small.
 READ_BUFFER_BYTES: Final = 2048
+# Seconds a session closed by the server may take to flush before the socket is cut.
+CLOSE_GRACE_S: Final = 2.0
+
+
+def _abort(transport: WSTransport) -> None:
+    if not transport.is_disconnected:
+        transport.disconnect(graceful=False)
 
 
 def handoff(
@@ -218,6 +224,9 @@ class Framing(WSListener):
         data = reason.encode()[:123]
         transport.send_close(WSCloseCode(code), data)
         transport.disconnect()
+        # A graceful close waits for unsent bytes; a peer that stopped reading would hold
+        # the socket and those bytes forever, so the connection is cut after a grace period.
+        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _abort, transport)
         self.on_closed()
 
     def on_message(self, text: bool, payload: bytes) -> None:

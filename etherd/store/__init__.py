@@ -7,7 +7,7 @@ store.open()`` before use. Writes normally go through a ``Batcher`` (group commi
 from __future__ import annotations
 
 from etherd.config import Config
-from etherd.store.base import IdempotencyConflict, Store, StoreUnavailable
+from etherd.store.base import IdempotencyConflict, Store, StoreUnavailable, TaskConflict
 from etherd.store.batcher import Batcher, Overloaded
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "Overloaded",
     "Store",
     "StoreUnavailable",
+    "TaskConflict",
     "open_store",
 ]
 

@@ -1,10 +1,14 @@
 """The event log's storage interface, shared by the SQLite and PostgreSQL stores.
 
 A store keeps, per topic, the events with their offsets, the newest offset ever assigned
-(``topic_heads``, never lowered by retention), the log's epoch and the answers kept under
-idempotency keys. Everything a commit writes lands in one transaction: the events of a whole
-batch of writes, their offsets and their idempotency answers are stored together or not at
-all.
+(``topic_heads``, never lowered by retention), the log's epoch, the answers kept under
+idempotency keys and the task rows. Everything a commit writes lands in one transaction: the
+events of a whole batch of writes, their offsets, their idempotency answers and their task
+rows are stored together or not at all.
+
+Task rows use optimistic concurrency: a write carrying a ``TaskWrite`` is stored only if the
+row's version is still the one the change was computed from (or, for a create, the row does
+not exist); otherwise that write alone is refused with ``TaskConflict``.
 
 Retention is shared code: each store only answers a few narrow questions (which topics hold
 what, where a time cut falls) and deletes ranges of offsets, at most ``RETENTION_BATCH`` rows
@@ -19,7 +23,7 @@ from collections.abc import Sequence
 from typing import NamedTuple
 
 from etherd.config import RetentionRule, StoreConfig
-from etherd.eventlog import IdempotentAnswer, Replay, StoredEvent, Write
+from etherd.eventlog import IdempotentAnswer, Replay, StoredEvent, TaskWrite, Write
 
 __all__ = [
     "IDEMPOTENCY_TTL_MS",
@@ -27,6 +31,7 @@ __all__ = [
     "IdempotencyConflict",
     "Store",
     "StoreUnavailable",
+    "TaskConflict",
     "TopicSpan",
 ]
 
@@ -61,6 +66,23 @@ class IdempotencyConflict(Exception):
         self.scope = scope
         self.key = key
         self.existing = existing
+
+
+class TaskConflict(Exception):
+    """The write's task row changed since the write was computed; the write stored nothing.
+
+    Raised for a create (``expected_version`` 0) when the task already exists, and for an
+    update when the stored version is not ``expected_version`` or the task does not exist.
+    ``current_version`` is the version the row had when the write was refused (``None``: no
+    such row). Another process, or an earlier write of the same batch, changed it first; the
+    caller re-reads the task and decides again.
+    """
+
+    def __init__(self, task_id: str, current_version: int | None) -> None:
+        found = "does not exist" if current_version is None else f"is at version {current_version}"
+        super().__init__(f"task {task_id!r} {found}: the write was computed from another version")
+        self.task_id = task_id
+        self.current_version = current_version
 
 
 class TopicSpan(NamedTuple):
@@ -114,9 +136,16 @@ class Store(abc.ABC):
         time. A write with an idempotency key also stores ``IdempotentAnswer(fingerprint,
         *write.respond(events))`` in the same transaction.
 
+        A write with a ``task`` stores that row in the same transaction, only if the stored
+        version is still ``task.expected_version`` (for 0: the row does not exist yet). The
+        checks run in write order: a later write of the batch sees the versions earlier
+        writes of the batch stored.
+
         Returns, per write, its stored events (in the order given) or the exception that
-        refused that write alone: ``IdempotencyConflict`` when the key is taken, or what
-        ``respond`` raised. The other writes of the batch are stored regardless.
+        refused that write alone, checked in this order: ``TaskConflict`` when the task row
+        moved on, ``IdempotencyConflict`` when the key is taken, or what ``respond`` raised.
+        A refused write stores nothing (no events, no offsets consumed, no answer, no row).
+        The other writes of the batch are stored regardless.
 
         Raises:
             StoreUnavailable: connection lost or database unreachable; nothing was stored.
@@ -135,12 +164,39 @@ class Store(abc.ABC):
         """The answer stored under an idempotency key, if any."""
 
     @abc.abstractmethod
+    async def get_task(self, task_id: str) -> bytes | None:
+        """The stored task (its ``TaskWrite.data``), or ``None``."""
+
+    @abc.abstractmethod
+    async def list_tasks(
+        self, owner: str, limit: int, before: tuple[int, str] | None
+    ) -> list[bytes]:
+        """Up to ``limit`` tasks of ``owner``, newest change first (``updated_ms``, then
+        ``id``, both descending).
+
+        ``before=(updated_ms, id)`` is an exclusive cursor: only tasks that sort after it
+        (strictly older, or as old with a smaller id) are listed. Pass the last task of a
+        page to get the next page.
+        """
+
+    @abc.abstractmethod
+    async def claimable_tasks(self, limit: int) -> list[bytes]:
+        """Up to ``limit`` tasks with status ``queued``, oldest change first (``updated_ms``,
+        then ``id``, both ascending)."""
+
+    @abc.abstractmethod
+    async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:
+        """Up to ``limit`` tasks with status ``running`` or ``interrupted`` whose lease
+        expired (``lease_expires_ms <= now_ms``), earliest expiry first (then ``id``)."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Return when the database answers; raise ``StoreUnavailable`` otherwise."""
 
     @abc.abstractmethod
     async def reset(self) -> str:
-        """Delete every event, head and idempotency answer; start a new epoch and return it.
+        """Delete every event, head, idempotency answer and task; start a new epoch and
+        return it.
 
         For tests and administrators. Other processes sharing the database learn the new
         epoch only when they open the store again.
@@ -197,13 +253,20 @@ class Store(abc.ABC):
 
 
 class Assigner:
-    """Offsets and idempotency answers for one batch, computed in write order.
+    """Task versions, offsets and idempotency answers for one batch, computed in write order.
 
-    Both stores use it inside their transaction: ``start`` gives the next offset per topic
+    Both stores use it inside their transaction: ``versions`` gives the stored version of
+    the batch's tasks that exist (read under a lock), ``start`` the next offset per topic
     (head + 1), ``taken`` the answers already stored under the batch's keys. A write whose
-    key is taken (or repeats a key of an earlier write in the batch) gets
-    ``IdempotencyConflict``; a write whose ``respond`` raises gets that exception; neither
-    consumes offsets.
+    task row moved on (or was changed by an earlier write of the batch) gets
+    ``TaskConflict``; a write whose key is taken (or repeats a key of an earlier write in
+    the batch) gets ``IdempotencyConflict``; a write whose ``respond`` raises gets that
+    exception; none of them consumes offsets or changes a row.
+
+    ``tasks`` ends up holding, per task changed by the batch, its final row (a task changed
+    by several writes of the batch is written once); the store inserts it when the id is
+    not in ``versions`` (PostgreSQL fills the placeholder it inserted) and otherwise
+    updates the row whose version is ``versions[id]``.
     """
 
     def __init__(
@@ -211,18 +274,37 @@ class Assigner:
         start: dict[str, int],
         taken: dict[tuple[str, str], IdempotentAnswer],
         ts_ms: int,
+        versions: dict[str, int] | None = None,
     ) -> None:
         self.start = start
         self.next = dict(start)
         self.taken = dict(taken)
         self.ts_ms = ts_ms
+        self.versions = dict(versions or {})
+        self.current = dict(self.versions)
         self.results: list[list[StoredEvent] | BaseException] = []
         # (topic, offset, ts_ms, event, data) for every stored event, in order.
         self.rows: list[tuple[str, int, int, str, bytes]] = []
         # (scope, key, fingerprint, status, body) for every stored answer.
         self.answers: list[tuple[str, str, str, int, bytes]] = []
+        # The final row of every task the batch changes.
+        self.tasks: dict[str, TaskWrite] = {}
 
     def add(self, write: Write) -> None:
+        task = write.task
+        if task is not None:
+            if not 0 <= task.expected_version < task.version:
+                self.results.append(
+                    ValueError(
+                        f"task {task.id!r}: version {task.version} must be greater than "
+                        f"expected_version {task.expected_version} (0 or more)"
+                    )
+                )
+                return
+            current = self.current.get(task.id)
+            if current != (task.expected_version or None):
+                self.results.append(TaskConflict(task.id, current))
+                return
         idem = write.idempotency
         if idem is not None:
             existing = self.taken.get((idem.scope, idem.key))
@@ -246,6 +328,9 @@ class Assigner:
             answer = IdempotentAnswer(idem.fingerprint, status, body)
             self.taken[(idem.scope, idem.key)] = answer
             self.answers.append((idem.scope, idem.key, idem.fingerprint, status, body))
+        if task is not None:
+            self.current[task.id] = task.version
+            self.tasks[task.id] = task
         self.next.update(offsets)
         self.rows.extend((e.topic, e.offset, e.ts_ms, e.event, e.data) for e in stored)
         self.results.append(stored)
@@ -267,6 +352,19 @@ def topic_counts(writes: Sequence[Write]) -> dict[str, int]:
         for ev in write.events:
             counts[ev.topic] = counts.get(ev.topic, 0) + 1
     return dict(sorted(counts.items()))
+
+
+def task_ids(writes: Sequence[Write], *, creates: bool = False) -> list[str]:
+    """Distinct ids of the tasks a batch writes, sorted (the order row locks are taken in).
+
+    With ``creates``, only the ids some write of the batch creates (``expected_version`` 0).
+    """
+    ids = {
+        w.task.id
+        for w in writes
+        if w.task is not None and (not creates or w.task.expected_version == 0)
+    }
+    return sorted(ids)
 
 
 def idempotency_keys(writes: Sequence[Write]) -> list[tuple[str, str, str]]:

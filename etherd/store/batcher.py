@@ -109,7 +109,11 @@ class Batcher:
             Overloaded: the queue already holds ``queue_max_rows`` rows.
             StoreUnavailable: the store is down (known, or found during this commit), or
                 the batcher is stopping. Nothing of the write was stored.
+            TaskConflict: the write's task row is no longer at ``expected_version`` (or,
+                for a create, already exists). Nothing of the write was stored.
             IdempotencyConflict: the write's idempotency key was already used.
+            Anything else the store refused this write alone with (e.g. what ``respond``
+            raised); the rest of its batch was stored.
         """
         if self._down is not None:
             raise StoreUnavailable(str(self._down))

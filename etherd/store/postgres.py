@@ -3,6 +3,16 @@ share one database.
 
 A commit is one transaction that, for the whole batch:
 
+0. locks the batch's task rows, ids in sorted order: first every id a write creates is
+   claimed with a placeholder row (version 0; ``INSERT .. ON CONFLICT DO NOTHING``, which
+   waits for another transaction inserting the same id and skips it if that one commits),
+   then ``SELECT .. FOR UPDATE`` locks every existing row and reads its version. From here
+   on no other transaction can change these rows, so whether each write's task change
+   applies is decided in Python, in write order (a later write of the batch sees the
+   version an earlier one stored), and a conflicting write is just refused: no statement
+   fails, so the transaction and the rest of the batch go on. The final rows are stored
+   with one ``UPDATE`` (placeholders included) and unused placeholders are deleted, so a
+   placeholder is never committed;
 1. claims the batch's idempotency keys (``INSERT .. ON CONFLICT DO NOTHING``, keys in
    sorted order): a key another transaction holds makes this one wait for it, and a key
    already committed is reported as taken, with its stored answer;
@@ -13,8 +23,8 @@ A commit is one transaction that, for the whole batch:
    reads the server clock after the locks are held, so times follow offsets;
 3. copies the events in with binary COPY and stores the idempotency answers.
 
-Locks are always taken in the same order (keys, then topics, each sorted), so two commits
-cannot deadlock; a deadlock or serialization failure reported anyway is retried.
+Locks are always taken in the same order (tasks, then keys, then topics, each sorted), so
+two commits cannot deadlock; a deadlock or serialization failure reported anyway is retried.
 Durability is PostgreSQL's (``synchronous_commit`` as configured on the server; the
 default, ``on``, waits for the WAL flush).
 """
@@ -42,6 +52,7 @@ from etherd.store.base import (
     TopicSpan,
     idempotency_keys,
     new_epoch,
+    task_ids,
     topic_counts,
 )
 
@@ -72,6 +83,53 @@ _UNAVAILABLE: tuple[type[BaseException], ...] = (
     pgerr.TooManyConnectionsError,
     pgerr.ReadOnlySQLTransactionError,  # a standby after a failover
 )
+
+# Placeholders for the ids the batch creates; the ids inserted are returned.
+_CLAIM_TASKS = """
+INSERT INTO tasks (id, owner, status, created_ms, updated_ms, version, data)
+SELECT i, '', '', 0, 0, 0, ''::bytea FROM unnest($1::text[]) AS u(i)
+ORDER BY i
+ON CONFLICT (id) DO NOTHING
+RETURNING id
+"""
+
+# Placeholders (version 0) included: they are locked already, by this transaction.
+_LOCK_TASKS = """
+SELECT id, version FROM tasks WHERE id = ANY($1::text[]) ORDER BY id FOR UPDATE
+"""
+
+_STORE_TASKS = """
+UPDATE tasks AS t SET owner = u.o, status = u.st, created_ms = u.c, updated_ms = u.up,
+    lease_expires_ms = u.l, holder = u.h, version = u.v, data = u.d
+FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[], $5::bigint[], $6::bigint[],
+            $7::text[], $8::bigint[], $9::bytea[], $10::bigint[])
+    AS u(i, o, st, c, up, l, h, v, d, e)
+WHERE t.id = u.i AND t.version = u.e
+"""
+
+_DROP_PLACEHOLDERS = """
+DELETE FROM tasks WHERE id = ANY($1::text[]) AND version = 0
+"""
+
+_LIST_TASKS = """
+SELECT data FROM tasks WHERE owner = $1 ORDER BY updated_ms DESC, id DESC LIMIT $2
+"""
+
+_LIST_TASKS_BEFORE = """
+SELECT data FROM tasks WHERE owner = $1 AND (updated_ms, id) < ($2, $3)
+ORDER BY updated_ms DESC, id DESC LIMIT $4
+"""
+
+_CLAIMABLE = """
+SELECT data FROM tasks WHERE status = 'queued' ORDER BY updated_ms, id LIMIT $1
+"""
+
+_EXPIRED = """
+SELECT data FROM tasks
+WHERE status IN ('running', 'interrupted')
+  AND lease_expires_ms IS NOT NULL AND lease_expires_ms <= $1
+ORDER BY lease_expires_ms, id LIMIT $2
+"""
 
 _CLAIM_KEYS = """
 INSERT INTO idempotency (scope, key, fingerprint, status, body, created_ms)
@@ -150,7 +208,7 @@ def location(dsn: str) -> str:
 
 
 def _deleted(status: str) -> int:
-    """The row count of a ``DELETE n`` command status."""
+    """The row count of a ``DELETE n`` (or ``UPDATE n``) command status."""
     return int(status.rsplit(" ", 1)[-1])
 
 
@@ -252,6 +310,18 @@ class PostgresStore(Store):
     async def _commit(
         self, con: Conn, writes: Sequence[Write]
     ) -> list[list[StoredEvent] | BaseException]:
+        # Task rows: placeholders for creates, then a lock on every row (see the module
+        # docstring). ``versions`` holds the committed rows only (not the placeholders).
+        ids = task_ids(writes)
+        versions: dict[str, int] = {}
+        placeholders: list[str] = []
+        if ids:
+            creates = task_ids(writes, creates=True)
+            if creates:
+                placeholders = [r[0] for r in await con.fetch(_CLAIM_TASKS, creates)]
+            locked = await con.fetch(_LOCK_TASKS, ids)
+            versions = {r[0]: r[1] for r in locked if r[1] != 0}
+
         keys = idempotency_keys(writes)
         claimed: set[tuple[str, str]] = set()
         taken: dict[tuple[str, str], IdempotentAnswer] = {}
@@ -279,9 +349,31 @@ class PostgresStore(Store):
                 start[topic] = head - counts[topic] + 1
                 ts_ms = max(ts_ms, now_ms)
 
-        batch = Assigner(start, taken, ts_ms)
+        batch = Assigner(start, taken, ts_ms, versions)
         for write in writes:
             batch.add(write)
+
+        if batch.tasks:
+            t = list(batch.tasks.values())
+            status = await con.execute(
+                _STORE_TASKS,
+                [x.id for x in t],
+                [x.owner for x in t],
+                [x.status for x in t],
+                [x.created_ms for x in t],
+                [x.updated_ms for x in t],
+                [x.lease_expires_ms for x in t],
+                [x.holder for x in t],
+                [x.version for x in t],
+                [x.data for x in t],
+                [versions.get(x.id, 0) for x in t],
+            )
+            if _deleted(status) != len(t):
+                # Every row is locked (or is our placeholder): this cannot happen.
+                raise RuntimeError(f"{len(t) - _deleted(status)} task rows changed mid-commit")
+        unused_placeholders = [i for i in placeholders if i not in batch.tasks]
+        if unused_placeholders:
+            await con.execute(_DROP_PLACEHOLDERS, unused_placeholders)
 
         unused = batch.unused(counts)
         if unused:
@@ -306,7 +398,7 @@ class PostgresStore(Store):
     async def reset(self) -> str:
         epoch = new_epoch()
         async with self._conn() as con, con.transaction():
-            await con.execute("TRUNCATE events, topic_heads, idempotency")
+            await con.execute("TRUNCATE events, topic_heads, idempotency, tasks")
             await con.execute("UPDATE meta SET value = $1 WHERE key = 'epoch'", epoch)
         self.epoch = epoch
         return epoch
@@ -333,6 +425,30 @@ class PostgresStore(Store):
                 key,
             )
         return None if row is None else IdempotentAnswer(row[0], row[1], row[2])
+
+    async def get_task(self, task_id: str) -> bytes | None:
+        async with self._conn() as con:
+            data: bytes | None = await con.fetchval("SELECT data FROM tasks WHERE id = $1", task_id)
+        return data
+
+    async def list_tasks(
+        self, owner: str, limit: int, before: tuple[int, str] | None
+    ) -> list[bytes]:
+        if before is None:
+            return await self._datas(_LIST_TASKS, owner, limit)
+        return await self._datas(_LIST_TASKS_BEFORE, owner, before[0], before[1], limit)
+
+    async def claimable_tasks(self, limit: int) -> list[bytes]:
+        return await self._datas(_CLAIMABLE, limit)
+
+    async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:
+        return await self._datas(_EXPIRED, now_ms, limit)
+
+    async def _datas(self, sql: str, *args: object) -> list[bytes]:
+        """The ``data`` column of every row a task query returns."""
+        async with self._conn() as con:
+            rows = await con.fetch(sql, *args)
+        return [r[0] for r in rows]
 
     # -- retention -------------------------------------------------------------------------
 

@@ -10,7 +10,8 @@ process (with ``NORMAL`` a killed process loses nothing either, but a power loss
 the last commits). Group commit keeps the cost of that sync low: one sync per batch.
 
 Writers serialise with ``BEGIN IMMEDIATE``, so even two processes on one file assign
-offsets one after the other.
+offsets one after the other, and a commit's check of a task row's version and its change of
+that row cannot be interleaved with another commit.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from etherd.store.base import (
     TopicSpan,
     idempotency_keys,
     new_epoch,
+    task_ids,
     topic_counts,
 )
 
@@ -48,6 +50,26 @@ _READ_EVENTS = (
 _READ_BOUNDS = (
     "SELECT (SELECT head FROM topic_heads WHERE topic = ?1),"
     ' (SELECT min("offset") FROM events WHERE topic = ?1)'
+)
+_INSERT_TASK = (
+    "INSERT INTO tasks (id, owner, status, created_ms, updated_ms, lease_expires_ms, holder,"
+    " version, data) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_UPDATE_TASK = (
+    "UPDATE tasks SET owner = ?, status = ?, created_ms = ?, updated_ms = ?,"
+    " lease_expires_ms = ?, holder = ?, version = ?, data = ? WHERE id = ? AND version = ?"
+)
+_LIST_TASKS = "SELECT data FROM tasks WHERE owner = ? ORDER BY updated_ms DESC, id DESC LIMIT ?"
+_LIST_TASKS_BEFORE = (
+    "SELECT data FROM tasks WHERE owner = ?1"
+    " AND (updated_ms, id) < (?2, ?3)"
+    " ORDER BY updated_ms DESC, id DESC LIMIT ?4"
+)
+_CLAIMABLE = "SELECT data FROM tasks WHERE status = 'queued' ORDER BY updated_ms, id LIMIT ?"
+_EXPIRED = (
+    "SELECT data FROM tasks WHERE status IN ('running', 'interrupted')"
+    " AND lease_expires_ms IS NOT NULL AND lease_expires_ms <= ?"
+    " ORDER BY lease_expires_ms, id LIMIT ?"
 )
 
 
@@ -161,6 +183,11 @@ class SqliteStore(Store):
         assert con is not None
         con.execute("BEGIN IMMEDIATE")
         try:
+            versions: dict[str, int] = {}
+            for task_id in task_ids(writes):
+                row = con.execute("SELECT version FROM tasks WHERE id = ?", (task_id,)).fetchone()
+                if row is not None:
+                    versions[task_id] = row[0]
             counts = topic_counts(writes)
             start: dict[str, int] = {}
             for topic in counts:
@@ -177,9 +204,43 @@ class SqliteStore(Store):
                 if row is not None:
                     taken[(scope, key)] = IdempotentAnswer(row[0], row[1], bytes(row[2]))
             ts_ms = max(self._last_ts_ms, time.time_ns() // 1_000_000)
-            batch = Assigner(start, taken, ts_ms)
+            batch = Assigner(start, taken, ts_ms, versions)
             for write in writes:
                 batch.add(write)
+            for task in batch.tasks.values():
+                if task.id not in versions:
+                    con.execute(
+                        _INSERT_TASK,
+                        (
+                            task.id,
+                            task.owner,
+                            task.status,
+                            task.created_ms,
+                            task.updated_ms,
+                            task.lease_expires_ms,
+                            task.holder,
+                            task.version,
+                            task.data,
+                        ),
+                    )
+                    continue
+                cur = con.execute(
+                    _UPDATE_TASK,
+                    (
+                        task.owner,
+                        task.status,
+                        task.created_ms,
+                        task.updated_ms,
+                        task.lease_expires_ms,
+                        task.holder,
+                        task.version,
+                        task.data,
+                        task.id,
+                        versions[task.id],
+                    ),
+                )
+                if cur.rowcount != 1:  # cannot happen under BEGIN IMMEDIATE
+                    raise RuntimeError(f"task {task.id!r} changed during the commit")
             con.executemany(
                 'INSERT INTO events (topic, "offset", ts_ms, event, data) VALUES (?, ?, ?, ?, ?)',
                 batch.rows,
@@ -215,6 +276,7 @@ class SqliteStore(Store):
             con.execute("DELETE FROM events")
             con.execute("DELETE FROM topic_heads")
             con.execute("DELETE FROM idempotency")
+            con.execute("DELETE FROM tasks")
             con.execute("UPDATE meta SET value = ? WHERE key = 'epoch'", (epoch,))
             con.execute("COMMIT")
         except BaseException:
@@ -259,6 +321,32 @@ class SqliteStore(Store):
             (scope, key),
         ).fetchone()
         return None if row is None else IdempotentAnswer(row[0], row[1], bytes(row[2]))
+
+    async def get_task(self, task_id: str) -> bytes | None:
+        return await self._read(self._get_task_sync, task_id)
+
+    def _get_task_sync(self, task_id: str) -> bytes | None:
+        assert self._rcon is not None
+        row = self._rcon.execute("SELECT data FROM tasks WHERE id = ?", (task_id,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    async def list_tasks(
+        self, owner: str, limit: int, before: tuple[int, str] | None
+    ) -> list[bytes]:
+        if before is None:
+            return await self._read(self._datas, _LIST_TASKS, (owner, limit))
+        return await self._read(self._datas, _LIST_TASKS_BEFORE, (owner, *before, limit))
+
+    async def claimable_tasks(self, limit: int) -> list[bytes]:
+        return await self._read(self._datas, _CLAIMABLE, (limit,))
+
+    async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:
+        return await self._read(self._datas, _EXPIRED, (now_ms, limit))
+
+    def _datas(self, sql: str, args: tuple[object, ...]) -> list[bytes]:
+        """The ``data`` column of every row a task query returns."""
+        assert self._rcon is not None
+        return [bytes(r[0]) for r in self._rcon.execute(sql, args).fetchall()]
 
     async def ping(self) -> None:
         await self._read(self._ping_sync)

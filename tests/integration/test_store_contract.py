@@ -366,7 +366,7 @@ def test_open_refuses_an_old_schema_when_migrations_are_off(store_url: str) -> N
             await store.open()
         await store.close()
         async with opened(store_url) as migrated:
-            assert migrated.migrated == [1]
+            assert migrated.migrated == [1, 2]
         async with opened(store_url, migrate_on_start=False) as store:
             assert store.migrated == []
             assert await store.head("t") == 0
