@@ -8,9 +8,19 @@ Wraps, without editing etherd:
 
 * ``Hub.flush``: wall time of each call and the number of sinks it wrote (one flush is one
   loop callback; its duration is how long every other callback waits behind it);
-* ``Hub.publish``: calls, and the time from a publish to the end of the flush that wrote it;
+* ``Hub.publish``: the time from a publish to the end of the flush slice that wrote its
+  last subscriber (``publish_to_flushed``: the server's share of the latency, up to the
+  kernel's socket buffer);
 * the garbage collector (``gc.callbacks``): pause per collection, by generation;
 * event-loop lag: a 5 ms ``call_later`` chain records how late each tick ran.
+
+``--experiment NAME`` (after ``--tracemalloc`` if both) applies a proposed etherd change at
+run time; see ``apply_experiment``.
+
+With ``--tracemalloc`` first (``traced_server.py --tracemalloc TRACE.json serve ...``) Python
+allocations are traced too: ``TRACE.json.snap1`` takes a baseline snapshot and
+``TRACE.json.snap2`` writes the 30 source lines whose allocations grew most since then into
+the summary (how the driver's ``--idle`` mode explains memory per connection).
 
 Control files beside TRACE.json: when ``TRACE.json.start`` appears the probes drop what they
 hold (the driver creates it when publishing starts); when ``TRACE.json.dump`` appears the
@@ -26,6 +36,9 @@ import json
 import os
 import sys
 import time
+import tracemalloc
+import types
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -53,21 +66,110 @@ def summary(values: list[int]) -> dict[str, float]:
     }
 
 
+def type_census() -> dict[str, int]:
+    """Live objects tracked by the GC, by type name."""
+    counts: dict[str, int] = {}
+    for obj in gc.get_objects():
+        name = type(obj).__qualname__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def describe(obj: object) -> str:
+    """A short name for a referrer: its type, and for closures and methods what they are."""
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    if isinstance(obj, types.FunctionType):
+        return f"function {obj.__module__}.{obj.__qualname__}"
+    if isinstance(obj, types.MethodType):
+        return f"method {getattr(obj.__func__, '__qualname__', '?')}"
+    if isinstance(obj, types.CellType):
+        holders = [
+            f.__qualname__
+            for f in gc.get_referrers(obj)
+            if isinstance(f, tuple)
+            for g in gc.get_referrers(f)
+            if isinstance(g, types.FunctionType)
+            for f in [g]
+        ]
+        return f"cell of {holders[:3]}"
+    return name
+
+
+def referrers_of(type_name: str) -> list[str]:
+    """What holds one live instance of a type (why it was not freed), two levels up."""
+    for obj in gc.get_objects():
+        if type(obj).__name__ == type_name:
+            out = []
+            for r in gc.get_referrers(obj):
+                if r is obj:
+                    continue
+                up = [describe(u) for u in gc.get_referrers(r)][:4]
+                out.append(f"{describe(r)} <- {up}")
+            return out[:12]
+    return []
+
+
+def apply_experiment(name: str) -> None:
+    """Proposed etherd changes, applied at run time so their effect can be measured first.
+
+    ``release-http``: on upgrade, uvloop keeps the HTTP protocol's bound ``data_received``
+    after ``set_protocol`` to picows' buffered protocol (it only replaces the attributes
+    the new protocol has), which keeps each WebSocket's HttpConnection, its httptools
+    parser and its deque alive; setting a plain protocol first drops them.
+
+    ``logger-adapter``: picows makes a child ``logging.Logger`` per connection when it is
+    given a Logger, but not when given a LoggerAdapter.
+    """
+    import logging
+
+    from etherd import ws as ws_mod
+
+    if name in ("release-http", "memory"):
+        orig_handoff = ws_mod.handoff
+
+        def handoff(transport: asyncio.Transport, *args: Any, **kwargs: Any) -> None:
+            transport.set_protocol(asyncio.Protocol())
+            orig_handoff(transport, *args, **kwargs)
+
+        ws_mod.handoff = handoff
+        from etherd import api as api_mod
+
+        setattr(api_mod, "handoff", handoff)  # noqa: B010 - api imported the name
+    if name in ("logger-adapter", "memory"):
+        ws_mod._picows_log = logging.LoggerAdapter(  # type: ignore[assignment]
+            logging.getLogger("picows.server"), {}
+        )
+
+
 def main() -> int:
-    out_path = sys.argv[1]
-    argv = sys.argv[2:]
+    args = sys.argv[1:]
+    use_tracemalloc = args[:1] == ["--tracemalloc"]
+    if use_tracemalloc:
+        args = args[1:]
+        tracemalloc.start(1)
+    if args[:1] == ["--experiment"]:
+        apply_experiment(args[1])
+        args = args[2:]
+    out_path = args[0]
+    argv = args[1:]
+    snapshots: dict[str, Any] = {}
+    memory: dict[str, Any] = {}
 
     from etherd import hub as hub_mod
 
     flush_ns: list[int] = []
     flush_sinks: list[int] = []
     publish_to_flushed: list[int] = []
-    pending_publish: list[int] = []  # publish times waiting for the flush that writes them
+    # Publishes not yet written: (time, sinks dequeued by flush when it is written). The
+    # dirty list is FIFO, so a publish is out once flush has dequeued every sink that was
+    # in the list when the publish returned.
+    pending_publish: deque[tuple[int, int]] = deque()
+    dequeued = [0]
     gc_ns: dict[int, list[int]] = {0: [], 1: [], 2: []}
     lag_ns: list[int] = []
 
     def reset() -> None:
-        for lst in (flush_ns, flush_sinks, publish_to_flushed, pending_publish, lag_ns):
+        for lst in (flush_ns, flush_sinks, publish_to_flushed, lag_ns):
             lst.clear()
         for lst in gc_ns.values():
             lst.clear()
@@ -81,6 +183,7 @@ def main() -> int:
             "publish_to_flushed": summary(publish_to_flushed),
             "gc": {str(g): summary(v) for g, v in gc_ns.items()},
             "loop_lag_5ms_tick": summary(lag_ns),
+            **memory,
         }
         tmp = out_path + ".tmp"
         with open(tmp, "w", encoding="utf-8") as f:
@@ -96,19 +199,21 @@ def main() -> int:
     def flush(self: Any) -> None:
         t = time.perf_counter_ns()
         before = self.writes
-        done_publishes = len(pending_publish)
-        rest = len(self._dirty) > self._slice
+        taken = min(len(self._dirty), self._slice)
         orig_flush(self)
         end = time.perf_counter_ns()
         flush_ns.append(end - t)
         flush_sinks.append(self.writes - before)
-        if not rest:  # the last slice: every publish queued so far is now written
-            publish_to_flushed.extend(end - p for p in pending_publish[:done_publishes])
-            del pending_publish[:done_publishes]
+        dequeued[0] += taken
+        while pending_publish and pending_publish[0][1] <= dequeued[0]:
+            publish_to_flushed.append(end - pending_publish.popleft()[0])
 
     def publish(self: Any, prepared: Any) -> int:
-        pending_publish.append(time.perf_counter_ns())
-        return orig_publish(self, prepared)
+        t = time.perf_counter_ns()
+        n = orig_publish(self, prepared)
+        if n:
+            pending_publish.append((t, dequeued[0] + len(self._dirty)))
+        return n
 
     hub_mod.Hub.flush = flush  # type: ignore[method-assign]
     hub_mod.Hub.publish = publish  # type: ignore[method-assign]
@@ -140,6 +245,33 @@ def main() -> int:
                 reset()
             if os.path.exists(dump_marker):
                 os.unlink(dump_marker)
+                dump()
+            if use_tracemalloc and os.path.exists(out_path + ".snap1"):
+                os.unlink(out_path + ".snap1")
+                gc.collect()
+                snapshots["base"] = tracemalloc.take_snapshot()
+                snapshots["types"] = type_census()
+            if use_tracemalloc and os.path.exists(out_path + ".snap2"):
+                os.unlink(out_path + ".snap2")
+                gc.collect()
+                snap = tracemalloc.take_snapshot()
+                diff = snap.compare_to(snapshots.get("base", snap), "lineno")
+                memory["tracemalloc_growth_kb"] = round(sum(d.size_diff for d in diff) / 1024)
+                memory["tracemalloc_top"] = [
+                    {
+                        "where": f"{d.traceback[0].filename.rsplit('/', 2)[-2:][-1]}"
+                        f":{d.traceback[0].lineno}",
+                        "kb": round(d.size_diff / 1024, 1),
+                        "count": d.count_diff,
+                    }
+                    for d in diff[:30]
+                ]
+                memory["gc_objects"] = len(gc.get_objects())
+                before = snapshots.get("types", {})
+                after = type_census()
+                growth = {k: v - before.get(k, 0) for k, v in after.items()}
+                memory["gc_types_growth"] = dict(sorted(growth.items(), key=lambda kv: -kv[1])[:25])
+                memory["http_connection_referrers"] = referrers_of("HttpConnection")
                 dump()
             expected[0] = now + interval_ns
             loop.call_later(interval_ns / 1e9, tick)

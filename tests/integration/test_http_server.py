@@ -195,7 +195,7 @@ def test_idle_keep_alive_connection_is_closed(small: Etherd) -> None:
 
 
 def test_publish_refusals(etherd: Etherd) -> None:
-    ok = {"topic": "tasks/a", "event": "e", "data": {}}
+    ok: dict[str, object] = {"topic": "tasks/a", "event": "e", "data": {}}
     cases: list[tuple[dict[str, str], bytes | dict[str, object], str | None, int, str]] = [
         ({}, ok, None, 401, "unauthorized"),
         ({}, ok, "not-a-jwt", 401, "unauthorized"),
@@ -237,7 +237,9 @@ def test_service_token_may_publish_and_claim_narrows(etherd: Etherd) -> None:
 
 
 def test_publish_batch_gets_consecutive_offsets(etherd: Etherd) -> None:
-    events = [{"topic": "batch/a", "event": "n", "data": {"i": i}} for i in range(5)]
+    events: list[dict[str, object]] = [
+        {"topic": "batch/a", "event": "n", "data": {"i": i}} for i in range(5)
+    ]
     events.append({"topic": "batch/b", "event": "n", "durable": False})
     status, body = etherd.request("POST", "/api/publish", {"events": events}, token="test")
     assert status == 200
