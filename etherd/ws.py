@@ -134,6 +134,9 @@ class Framing(WSListener):
 
     def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
         if self.closed:
+            # Our CLOSE is out; the peer's CLOSE completes the handshake (RFC 6455 7.1.1).
+            if frame.msg_type == WSMsgType.CLOSE:
+                transport.disconnect()
             return
         self.seen = True
         op = frame.msg_type
@@ -200,21 +203,28 @@ class Framing(WSListener):
     def _on_close(self, frame: WSFrame) -> None:
         size = frame.payload_size
         if size == 0:
-            self.close(1000, "")
+            self.close(1000, "", peer_closed=True)
             return
         code = int(frame.get_close_code())  # type: ignore[call-overload]
         if not valid_close_code(code):
             self.close(CLOSE_PROTOCOL_ERROR, f"close code {code} may not be sent by a peer")
             return
         # picows already refused a reason that is not UTF-8 (1007). Echo the peer's code.
-        self.close(code, "")
+        self.close(code, "", peer_closed=True)
 
     def is_closed(self) -> bool:
         """Whether the session has ended (a method, so it is re-read after an await)."""
         return self.closed
 
-    def close(self, code: int, reason: str) -> None:
-        """Send CLOSE with a code and reason (at most 123 bytes) and end the session."""
+    def close(self, code: int, reason: str, *, peer_closed: bool = False) -> None:
+        """Send CLOSE with a code and reason (at most 123 bytes) and end the session.
+
+        When the peer closed first, the TCP connection is closed at once. Otherwise the
+        peer's CLOSE is awaited, so the socket is not closed under data still arriving
+        (which would turn into a reset that can destroy our CLOSE before it is read), and
+        the connection is cut after ``CLOSE_GRACE_S``: a peer that stopped reading would
+        otherwise hold the socket and the bytes queued on it forever.
+        """
         if self.closed:
             return
         self.closed = True
@@ -223,9 +233,8 @@ class Framing(WSListener):
             return
         data = reason.encode()[:123]
         transport.send_close(WSCloseCode(code), data)
-        transport.disconnect()
-        # A graceful close waits for unsent bytes; a peer that stopped reading would hold
-        # the socket and those bytes forever, so the connection is cut after a grace period.
+        if peer_closed:
+            transport.disconnect()
         asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _abort, transport)
         self.on_closed()
 

@@ -875,9 +875,9 @@ class ServerHandle:
             os.unlink(self.trace)
         Path(self.trace + ".dump").touch()
 
-    def read_trace(self) -> dict[str, Any] | None:
+    def read_trace(self, timeout: float = 5.0) -> dict[str, Any] | None:
         assert self.trace is not None
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
                 data: dict[str, Any] = json.loads(Path(self.trace).read_text())
@@ -1149,7 +1149,7 @@ def run_idle(
         with contextlib.suppress(FileNotFoundError):
             os.unlink(server.trace)
         Path(server.trace + ".snap2").touch()
-        trace = server.read_trace()
+        trace = server.read_trace(timeout=180.0)  # tracemalloc's snapshot diff is slow
     results = clients.finish()
     closed = sum(r["closed"] for r in results)
     record: dict[str, Any] = {
