@@ -16,6 +16,7 @@ from __future__ import annotations
 import enum
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -58,6 +59,8 @@ MAX_TOKEN_BYTES: Final = 16 * 1024
 # Below this an HS256 secret works but is reported in Authenticator.notes.
 MIN_SECRET_BYTES: Final = 32
 MIN_RSA_BITS: Final = 2048
+# Verified tokens remembered (see Authenticator.verify); the least recently used goes first.
+TOKEN_CACHE_SIZE: Final = 10_000
 
 HS256: Final = "HS256"
 RS256: Final = "RS256"
@@ -181,11 +184,15 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 class _Keys:
     """Everything loaded from one AuthConfig; replaced as a whole on reload."""
 
-    __slots__ = ("config", "dev", "notes", "private", "private_alg", "public", "secret")
+    __slots__ = ("config", "dev", "notes", "private", "private_alg", "public", "secret", "verified")
 
     def __init__(self, config: AuthConfig, dev: bool) -> None:
         self.config = config
         self.dev = dev
+        # Tokens these keys verified -> their principal (see Authenticator.verify). It lives
+        # and dies with the keys, so a reload starts from an empty cache, and a verification
+        # still running on the old keys can only fill the old cache.
+        self.verified: OrderedDict[str, Principal] = OrderedDict()
         notes: list[str] = []
         self.secret: bytes | None = None
         if config.secret:
@@ -383,6 +390,15 @@ class Authenticator:
         false), ``nbf`` and ``iat`` with ``auth.leeway_s``, ``iss`` and ``aud`` when
         configured, and the ``sub``, ``role`` and ``topics`` claims.
 
+        A verified token is remembered (up to ``TOKEN_CACHE_SIZE`` tokens, least recently
+        used dropped first), so a client that sends the same token on every request pays for
+        the signature once. A remembered token is answered from memory only while the clock
+        is before its ``exp`` (one without ``exp``, accepted when ``auth.require_exp`` is
+        off, until the next reload); from ``exp`` on it is verified again like a new one,
+        and refused once ``exp`` is more than ``auth.leeway_s`` past. Tokens accepted only
+        thanks to the leeway (``exp`` already passed, ``nbf`` or ``iat`` still ahead) are
+        not remembered. :meth:`reload` forgets everything.
+
         Raises:
             AuthError: the message says what is wrong, without the token.
         """
@@ -397,10 +413,23 @@ class Authenticator:
                 "development mode is off on this server, so the development token is not "
                 "accepted; use a signed JWT (`etherd token --sub U --role R`)"
             )
+        verified = keys.verified
+        principal = verified.get(token)
+        if principal is not None:
+            if principal.exp is None or self._now() < principal.exp:
+                verified.move_to_end(token)
+                return principal
+            verified.pop(token, None)
         if len(token) > MAX_TOKEN_BYTES:
             raise AuthError(f"token is {len(token)} bytes; at most {MAX_TOKEN_BYTES} accepted")
         payload = self._verify_signature(keys, token)
-        return self._principal(keys.config, payload)
+        now = self._now()
+        principal = self._principal(keys.config, payload, now)
+        if _valid_without_leeway(payload, principal, now):
+            verified[token] = principal
+            if len(verified) > TOKEN_CACHE_SIZE:
+                verified.popitem(last=False)
+        return principal
 
     def _verify_signature(self, keys: _Keys, token: str) -> dict[str, Any]:
         try:
@@ -466,8 +495,7 @@ class Authenticator:
             return "; no auth.secret or auth.public_keys are configured, so no JWT verifies"
         return f"; this server accepts {', '.join(accepted)}"
 
-    def _principal(self, config: AuthConfig, payload: dict[str, Any]) -> Principal:
-        now = self._now()
+    def _principal(self, config: AuthConfig, payload: dict[str, Any], now: float) -> Principal:
         leeway = config.leeway_s
         exp = _number(payload, "exp")
         if exp is None:
@@ -556,6 +584,18 @@ class Authenticator:
             "cannot sign tokens: set auth.secret (HS256) or auth.private_key (a PEM RSA or "
             "P-256 EC private key)"
         )
+
+
+def _valid_without_leeway(payload: dict[str, Any], principal: Principal, now: float) -> bool:
+    """Whether a verified token's time claims hold at ``now`` without the leeway."""
+    if principal.exp is not None and not now < principal.exp:
+        return False
+    # Both were checked by _number in _principal, so they are finite numbers or None.
+    for claim in ("nbf", "iat"):
+        value = payload.get(claim)
+        if value is not None and value > now:
+            return False
+    return True
 
 
 def _check_audience(aud: object, expected: str) -> None:

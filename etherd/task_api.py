@@ -8,12 +8,24 @@ and a 2xx means both are stored. Two claims racing for one task, on one process 
 sharing a PostgreSQL database, both read version v; one commit wins, the other gets a
 ``TaskConflict``, re-reads, and is refused by the table (``already_claimed``).
 
+The read is usually free: each process keeps the last row it committed or read of up to
+``TASK_CACHE_SIZE`` tasks that are not final (least recently used dropped first), and
+``mutate`` starts from that row instead of reading the store. The row may be stale when
+another process changed the task since, and that is safe because nothing is decided on a
+cached row alone: an accepted change still has to pass the commit's version check (a stale
+row gets ``TaskConflict``, which drops it and reads the store), and a refusal computed from
+a cached row is computed again from a fresh read before it is answered (another process
+may have claimed, answered or expired the task meanwhile). The GET routes always read the
+store, so they show another process's change at once.
+
 Who may do what (contract sections 2 and 3): a ``user`` reads, answers and cancels its own
 tasks; ``service`` and ``admin`` act for any owner. Harness routes take a ``harness`` or
 ``admin`` token for any task, and also a ``user`` token for the user's own tasks, because
 public-contract harnesses run with the user's token; all of them need the
 ``X-Ether-Harness-App`` header. Someone else's task answers 404, exactly like a missing
-one, so task ids cannot be probed.
+one, so task ids cannot be probed; that includes ``GET /api/tasks/{id}/events``, which
+otherwise authorises the stream like ``GET /api/events?topic=tasks/{id}`` (a harness token
+may follow only a task it holds: another's task is 403 there).
 """
 
 from __future__ import annotations
@@ -22,6 +34,8 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Final
 
@@ -54,6 +68,7 @@ from etherd.messages import (
 )
 from etherd.store import IdempotencyConflict, StoreUnavailable, TaskConflict
 from etherd.tasks import (
+    TERMINAL,
     Action,
     Answer,
     Cancel,
@@ -73,7 +88,7 @@ from etherd.tasks import (
     task_topic,
 )
 
-__all__ = ["install", "sweep_leases"]
+__all__ = ["TaskCache", "install", "sweep_leases", "task_cache"]
 
 log = logging.getLogger("etherd.tasks")
 
@@ -82,6 +97,8 @@ TASK_DECODER: Final = msgspec.json.Decoder(Task)
 # task exhausts this.
 MAX_ATTEMPTS: Final = 5
 PAGE_MAX: Final = 200
+# Task rows each process keeps for mutate (see the module docstring).
+TASK_CACHE_SIZE: Final = 10_000
 
 
 def install(app: App) -> None:
@@ -122,6 +139,55 @@ async def load(app: App, task_id: str) -> Task | None:
     return None if raw is None else TASK_DECODER.decode(raw)
 
 
+class TaskCache:
+    """The latest row this process committed or read of recently changed tasks.
+
+    A hint, never the truth: ``mutate`` uses a row from here only where the store's version
+    check (or a fresh read) confirms what it decides. Final tasks are not kept (nothing
+    changes them any more). A row never replaces a newer one of the same task, so a slow
+    read cannot undo what a faster commit put here.
+    """
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows: OrderedDict[str, Task] = OrderedDict()
+
+    def get(self, task_id: str) -> Task | None:
+        task = self.rows.get(task_id)
+        if task is not None:
+            self.rows.move_to_end(task_id)
+        return task
+
+    def put(self, task: Task) -> None:
+        rows = self.rows
+        if task.status in TERMINAL:
+            rows.pop(task.id, None)
+            return
+        held = rows.get(task.id)
+        if held is not None and held.version > task.version:
+            return
+        rows[task.id] = task
+        rows.move_to_end(task.id)
+        if len(rows) > TASK_CACHE_SIZE:
+            rows.popitem(last=False)
+
+    def drop(self, task_id: str) -> None:
+        self.rows.pop(task_id, None)
+
+
+# One cache per App (tests run several in one process, each with its own store).
+_CACHES: Final[weakref.WeakKeyDictionary[App, TaskCache]] = weakref.WeakKeyDictionary()
+
+
+def task_cache(app: App) -> TaskCache:
+    """The task row cache of ``app``."""
+    cache = _CACHES.get(app)
+    if cache is None:
+        cache = _CACHES[app] = TaskCache()
+    return cache
+
+
 def _row(task: Task, expected: int) -> TaskWrite:
     return TaskWrite(
         id=task.id,
@@ -152,7 +218,9 @@ async def mutate(
     """Apply an action and store the task with its events in one commit.
 
     ``check`` authorises the caller against the task as read; ``view`` renders the answer
-    (it is also stored under the request's idempotency key, in the same commit).
+    (it is also stored under the request's idempotency key, in the same commit). The task
+    is taken from the process's ``TaskCache`` when it is there; a refusal (from ``check``
+    or ``apply``) computed from a cached row is confirmed against a fresh read first.
     """
     idem = None
     if request is not None and principal is not None:
@@ -161,10 +229,25 @@ async def mutate(
             earlier = await replayed(app, idem)
             if earlier is not None:
                 return earlier
-    for _ in range(MAX_ATTEMPTS):
-        task = await load(app, task_id)
-        check(task)
-        outcome = apply(task, action())
+    cache = task_cache(app)
+    reads = 0
+    while reads < MAX_ATTEMPTS:
+        task = cache.get(task_id)
+        cached = task is not None
+        if not cached:
+            reads += 1
+            task = await load(app, task_id)
+            if task is not None:
+                cache.put(task)
+        try:
+            check(task)
+            outcome = apply(task, action())
+        except ApiError:
+            if not cached:
+                raise
+            # Decided on a row another process may have moved on from: ask the store.
+            cache.drop(task_id)
+            continue
         new = outcome.task
         answer = view(new)
         write = Write(
@@ -176,9 +259,15 @@ async def mutate(
         try:
             await app.commit(write)
         except TaskConflict:
+            cache.drop(task_id)
             continue
         except IdempotencyConflict as exc:
             return answer_of_conflict(exc, write)
+        except BaseException:
+            # Not stored, or not known whether it was: the next change reads the store.
+            cache.drop(task_id)
+            raise
+        cache.put(new)
         return Response(answer[0], answer[1])
     raise ApiError("conflict", f"task {task_id} is changing too fast; retry")
 
@@ -318,7 +407,15 @@ def _int_param(request: Request, name: str, default: int) -> int:
 
 
 async def task_events(app: App, request: Request, task_id: str) -> Stream:
-    """``GET /api/tasks/{id}/events``: the task's SSE stream."""
+    """``GET /api/tasks/{id}/events``: the task's SSE stream.
+
+    A missing task and, for a user token, someone else's task answer 404 like every task
+    route; then the stream is authorised like ``/api/events?topic=tasks/{id}``.
+    """
+    principal = authenticate(app, request, query_token=True)
+    task = await load(app, task_id)
+    if task is None or (principal.role is Role.USER and task.owner != principal.sub):
+        raise ApiError("not_found", f"no task {task_id}")
     return await events(app, request, task_topic(task_id))
 
 

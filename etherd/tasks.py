@@ -23,8 +23,8 @@ answer from the heartbeat); after a ``blocked`` result the run has ended and an 
 the task back in the queue for a fresh claim.
 
 ``TRANSITIONS[status][type(action)]`` is the table (h11 ``_state.py`` style). A missing entry
-is ``invalid_transition``; a present entry names the handler and the statuses it may lead to
-(checked on every call):
+is ``invalid_transition`` (or ``run_mismatch``, see the guard order below); a present entry
+names the handler and the statuses it may lead to (checked on every call):
 
 =============  ===========  ==========================  =======================================
 from           action       to                          guards
@@ -49,8 +49,14 @@ interrupted    Expire       interrupted                 the run's lease lapsed: 
 =============  ===========  ==========================  =======================================
 
 Guards run in a fixed order: existence (``not_found``, ``conflict`` for a second create),
-table (``invalid_transition``), run (``run_mismatch``), lease (``lease_expired``), then the
-payload (``unprocessable``).
+run (``run_mismatch``), table (``invalid_transition``), lease (``lease_expired``), then the
+payload (``unprocessable``). The run guard applies to the run calls (heartbeat, step,
+interrupt, result) on a task that is not final, and it comes before the table: a ``run_id``
+that is not the task's current run is ``run_mismatch`` whatever the status, so a harness
+whose run is over (the lease sweep queued the task, a ``blocked`` result parked it, another
+harness took it over) hears exactly that, never ``invalid_transition``. A run call from the
+current run that the status does not take (a step while interrupted) is
+``invalid_transition``, and so is every run call on a final task.
 
 Events. A handler returns its *primary* events (``os.harness.step``, ``task.interrupted``,
 ``task.resumed``, ``task.delivered``, ``task.failed``) and its timeline entries; ``apply``
@@ -413,19 +419,27 @@ def _lease_live(task: Task, now_ms: int) -> bool:
     return task.lease_expires_ms is not None and now_ms < task.lease_expires_ms
 
 
-def _check_run(task: Task, run_id: str, now_ms: int) -> None:
-    """Refuse unless ``run_id`` is the task's current run and its lease is still valid."""
+def _run_mismatch(task: Task, run_id: str) -> ApiError | None:
+    """``run_mismatch`` when ``run_id`` is not the task's current run, else None."""
     if task.run_id is None:
-        raise ApiError(
+        return ApiError(
             "run_mismatch",
             f"run {run_id} is not the current run of task {task.id}: it has no active run "
             f"(it is {task.status}; the run ended, claim the task again once it is queued)",
         )
     if run_id != task.run_id:
-        raise ApiError(
+        return ApiError(
             "run_mismatch",
             f"run {run_id} is not the current run of task {task.id} (current: {task.run_id})",
         )
+    return None
+
+
+def _check_run(task: Task, run_id: str, now_ms: int) -> None:
+    """Refuse unless ``run_id`` is the task's current run and its lease is still valid."""
+    mismatch = _run_mismatch(task, run_id)
+    if mismatch is not None:
+        raise mismatch
     if not _lease_live(task, now_ms):
         expired = rfc3339_ms(task.lease_expires_ms or 0)
         raise ApiError(
@@ -764,7 +778,16 @@ _ALLOWED: Final[dict[type[Any], str]] = {
 
 
 def _refusal(task: Task, action: Action) -> ApiError:
-    """``invalid_transition`` naming the status, the action and where it is accepted."""
+    """Why the table has no entry for ``action`` in the task's status.
+
+    A run call from a run that is not the task's current one is ``run_mismatch`` (its run is
+    over) unless the task is final; everything else is ``invalid_transition`` naming the
+    status, the action and where it is accepted.
+    """
+    if isinstance(action, Heartbeat | Step | Interrupt | Result) and task.status not in TERMINAL:
+        mismatch = _run_mismatch(task, action.run_id)
+        if mismatch is not None:
+            return mismatch
     kind = type(action)
     state = f"it is {task.status}"
     if kind is Answer:

@@ -207,6 +207,19 @@ def location(dsn: str) -> str:
     return f"{host}{port}{parts.path or '/'}"
 
 
+async def _keep_session(con: asyncpg.Connection[asyncpg.Record]) -> None:
+    """The pool's ``reset``: nothing to undo on a connection going back to the pool.
+
+    asyncpg's default reset (``pg_advisory_unlock_all(); CLOSE ALL; UNLISTEN *; RESET ALL``)
+    costs one more round trip on every release. etherd never changes session state on a
+    pooled connection: it does not LISTEN, SET session settings, take session-level
+    advisory locks (the migration lock is transaction-scoped) or open cursors outside a
+    transaction, and every transaction ends with its ``async with``. asyncpg still rolls
+    back a transaction left open and drops listeners before calling this. Code that does
+    change session state on a pooled connection must reset it itself before releasing it.
+    """
+
+
 def _deleted(status: str) -> int:
     """The row count of a ``DELETE n`` (or ``UPDATE n``) command status."""
     return int(status.rsplit(" ", 1)[-1])
@@ -234,6 +247,8 @@ class PostgresStore(Store):
                 max_size=self.config.pool_size,
                 timeout=self.config.connect_timeout_s,
                 command_timeout=COMMAND_TIMEOUT_S,
+                # No reset query on release: etherd keeps no session state (see _keep_session).
+                reset=_keep_session,
             )
         return self._pool
 

@@ -598,6 +598,140 @@ def test_reload_swaps_keys(keys: KeyFiles) -> None:
     assert a.dev
 
 
+# --- verified-token cache -------------------------------------------------------------
+
+
+class Clock:
+    """A clock the test moves."""
+
+    def __init__(self, now: float = NOW) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def counted(a: Authenticator, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Record every signature check ``a`` makes (the cryptography a cache hit skips)."""
+    checked: list[str] = []
+    real = a._verify_signature
+
+    def spy(keys: Any, token: str) -> dict[str, Any]:
+        checked.append(token)
+        return real(keys, token)
+
+    monkeypatch.setattr(a, "_verify_signature", spy)
+    return checked
+
+
+def test_a_cached_token_returns_the_same_principal(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = auth(secret=SECRET)
+    checked = counted(a, monkeypatch)
+    token = hs(claims(role="harness", topics=["harness"]))
+    first = a.verify(token)
+    assert a.verify(token) is first
+    assert a.bearer(f"Bearer {token}") is first
+    assert checked == [token]
+    # A different token is verified on its own.
+    other = hs(claims(sub="u2"))
+    assert a.verify(other).sub == "u2"
+    assert checked == [token, other]
+
+
+def test_a_cached_token_is_refused_once_expired(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    a = Authenticator(AuthConfig(secret=SECRET, leeway_s=0), dev=False, now=clock)
+    checked = counted(a, monkeypatch)
+    token = hs(claims(exp=NOW + 60))
+    assert a.verify(token).sub == "u1"
+    clock.now = NOW + 59.9
+    assert a.verify(token).sub == "u1"
+    assert len(checked) == 1
+    clock.now = NOW + 60
+    assert refused(a, token).startswith("token expired at")
+    clock.now = NOW + 3600
+    assert refused(a, token).startswith("token expired at")
+
+
+def test_a_cached_token_is_rechecked_from_exp_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inside the leeway past exp the token is still accepted, but only by a full check."""
+    clock = Clock()
+    a = Authenticator(AuthConfig(secret=SECRET, leeway_s=30), dev=False, now=clock)
+    checked = counted(a, monkeypatch)
+    token = hs(claims(exp=NOW + 60))
+    a.verify(token)
+    clock.now = NOW + 70
+    assert a.verify(token).sub == "u1"
+    assert a.verify(token).sub == "u1"
+    assert len(checked) == 3
+    clock.now = NOW + 90
+    assert refused(a, token).startswith("token expired at")
+
+
+@pytest.mark.parametrize("claim", ["nbf", "iat"])
+def test_a_token_not_yet_valid_is_not_cached(claim: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = Clock()
+    a = Authenticator(AuthConfig(secret=SECRET, leeway_s=30), dev=False, now=clock)
+    checked = counted(a, monkeypatch)
+    token = hs(claims(**{claim: NOW + 20}))
+    # Accepted thanks to the leeway, so checked again every time.
+    assert a.verify(token).sub == "u1"
+    assert a.verify(token).sub == "u1"
+    assert len(checked) == 2
+    # Once valid, it is remembered.
+    clock.now = NOW + 20
+    a.verify(token)
+    a.verify(token)
+    assert len(checked) == 3
+
+
+def test_a_refused_token_is_not_cached(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = auth(secret=SECRET, leeway_s=0)
+    checked = counted(a, monkeypatch)
+    token = hs(claims(exp=NOW))
+    refused(a, token)
+    refused(a, token)
+    assert checked == [token, token]
+
+
+def test_reload_clears_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    a = auth(secret=SECRET)
+    old = hs(claims())
+    assert a.verify(old).sub == "u1"
+    a.reload(AuthConfig(secret="rotated-secret-" + "z" * 40), dev=False)
+    assert "signature does not verify" in refused(a, old)
+    # The same keys again still means a fresh check: nothing survives a reload.
+    a.reload(AuthConfig(secret=SECRET), dev=False)
+    checked = counted(a, monkeypatch)
+    assert a.verify(old).sub == "u1"
+    assert checked == [old]
+
+
+def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("etherd.auth.TOKEN_CACHE_SIZE", 2)
+    a = auth(secret=SECRET)
+    checked = counted(a, monkeypatch)
+    one, two, three = (hs(claims(sub=sub)) for sub in ("u1", "u2", "u3"))
+    a.verify(one)
+    a.verify(two)
+    a.verify(one)  # now the most recently used
+    a.verify(three)  # evicts two
+    assert checked == [one, two, three]
+    a.verify(one)
+    a.verify(three)
+    assert checked == [one, two, three]
+    a.verify(two)
+    assert checked == [one, two, three, two]
+
+
+def test_the_dev_token_is_not_cached() -> None:
+    a = auth(dev=True, secret=SECRET)
+    assert a.verify(DEV_TOKEN).dev
+    a.reload(AuthConfig(secret=SECRET), dev=False)
+    with pytest.raises(AuthError, match="development mode is off"):
+        a.verify(DEV_TOKEN)
+
+
 # --- harness app gate ----------------------------------------------------------------
 
 

@@ -1,19 +1,24 @@
-"""The task lifecycle: every transition of the table with its events, every refusal, and a
-property test that random action sequences stay inside the table."""
+"""The task lifecycle: every transition of the table with its events, every refusal, a
+property test that random action sequences stay inside the table, and the task row cache
+``task_api.mutate`` decides from."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import msgspec
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from etherd import task_api
+from etherd.app import App
 from etherd.clock import rfc3339_ms
 from etherd.errors import ApiError
-from etherd.eventlog import NewEvent
+from etherd.eventlog import NewEvent, StoredEvent, Write
+from etherd.store import TaskConflict
 from etherd.tasks import (
     TERMINAL,
     TRANSITIONS,
@@ -131,16 +136,18 @@ ACTIONS: dict[str, Action] = {
 
 OK = "ok"
 INV = "invalid_transition"
+MISMATCH = "run_mismatch"
 # The whole status x action matrix, written out by hand (not derived from the table).
 MATRIX: dict[str, dict[str, str]] = {
     "queued": {
         "create": "conflict",
         "claim": OK,
-        "heartbeat": INV,
-        "step": INV,
-        "interrupt": INV,
+        # The run that held the task is over (no run holds a queued task).
+        "heartbeat": MISMATCH,
+        "step": MISMATCH,
+        "interrupt": MISMATCH,
         "answer": INV,
-        "result": INV,
+        "result": MISMATCH,
         "cancel": OK,
         "expire": INV,
     },
@@ -169,11 +176,12 @@ MATRIX: dict[str, dict[str, str]] = {
     "interrupted_parked": {
         "create": "conflict",
         "claim": INV,
-        "heartbeat": "run_mismatch",
-        "step": INV,
-        "interrupt": INV,
+        "heartbeat": MISMATCH,
+        # The blocked result ended the run.
+        "step": MISMATCH,
+        "interrupt": MISMATCH,
         "answer": OK,
-        "result": INV,
+        "result": MISMATCH,
         "cancel": OK,
         "expire": "conflict",
     },
@@ -184,6 +192,13 @@ MATRIX: dict[str, dict[str, str]] = {
 }
 
 CELLS = [(state, name, MATRIX[state][name]) for state in STATES for name in ACTIONS]
+# A stale run's call on a task that is not final: refused (run_mismatch) before the table
+# is consulted. Heartbeat while parked is not here: the table has it, and its handler checks
+# the run.
+BEFORE_THE_TABLE = {
+    *[("queued", name) for name in ("heartbeat", "step", "interrupt", "result")],
+    *[("interrupted_parked", name) for name in ("step", "interrupt", "result")],
+}
 
 
 def refused(task: Task | None, action: Action, code: str) -> ApiError:
@@ -222,9 +237,16 @@ def test_matrix_agrees_with_the_table() -> None:
     names = {type(action): name for name, action in ACTIONS.items()}
     table = {(s, names[a]) for s, rules in TRANSITIONS.items() if s is not None for a in rules}
     status_of = {state: STATES[state]().status for state in STATES}
-    in_table = {(status_of[state], name) for state, name, code in CELLS if code != INV}
+    in_table = {
+        (status_of[state], name)
+        for state, name, code in CELLS
+        if code != INV and (state, name) not in BEFORE_THE_TABLE
+    }
     in_table -= {(status_of[state], "create") for state in STATES}
     assert in_table == table
+    for state, name in BEFORE_THE_TABLE:
+        assert MATRIX[state][name] == MISMATCH
+        assert (status_of[state], name) not in table
     assert set(TRANSITIONS) == {None, *Status}
     assert all(not TRANSITIONS[s] for s in TERMINAL)
 
@@ -675,7 +697,10 @@ def test_expire_requeues() -> None:
     entry = data(outcome.events[0])["entry"]
     assert (entry["kind"], entry["run_id"], entry["status"]) == ("lease_expired", RUN, "queued")
     # The stale harness is refused from then on, and a new claim works.
-    refused(new, Heartbeat(run_id=RUN, now_ms=task.lease_expires_ms + 1, lease_ms=LEASE), INV)
+    stale = refused(
+        new, Heartbeat(run_id=RUN, now_ms=task.lease_expires_ms + 1, lease_ms=LEASE), MISMATCH
+    )
+    assert "it has no active run" in stale.message
     again = Claim(
         app_id="a", holder="h", run_id="run_2", now_ms=task.lease_expires_ms + 1, lease_ms=LEASE
     )
@@ -757,6 +782,18 @@ def test_heartbeat_after_the_run_ended_has_no_active_run() -> None:
     assert error.message.startswith(
         "run run_1 is not the current run of task task_1: it has no active run"
     )
+
+
+@pytest.mark.parametrize("state", list(STATES))
+@pytest.mark.parametrize("make", RUN_BOUND)
+def test_a_stale_run_hears_that_its_run_is_over(
+    state: str, make: Callable[[str, int], Action]
+) -> None:
+    """Whatever the status, a run that is not the current one gets run_mismatch, unless the
+    task is final (then nothing is accepted, and the answer is invalid_transition)."""
+    task = STATES[state]()
+    code = INV if task.status in TERMINAL else MISMATCH
+    refused(task, make("run_x", T0 + 2_500), code)
 
 
 def test_heartbeat_while_interrupted_after_the_lease_lapsed() -> None:
@@ -971,7 +1008,18 @@ def test_random_sequences_stay_inside_the_table(data_: st.DataObject) -> None:
             assert error.code in EXPECTED_CODES, error.message
             assert snapshot(task) == before
             if rule is None:
-                assert error.code == ("conflict" if isinstance(action, Create) else INV)
+                if isinstance(action, Create):
+                    expected = "conflict"
+                elif (
+                    isinstance(action, Heartbeat | Step | Interrupt | Result)
+                    and task.status not in TERMINAL
+                    and action.run_id != task.run_id
+                ):
+                    # A stale run: its run is over, whatever the status.
+                    expected = MISMATCH
+                else:
+                    expected = INV
+                assert error.code == expected, error.message
             if task.status in TERMINAL and data_.draw(st.booleans(), label="restart"):
                 # Absorption seen; go on with a new task so the sequence keeps exploring.
                 task = create(now=now).task
@@ -985,6 +1033,147 @@ def test_random_sequences_stay_inside_the_table(data_: st.DataObject) -> None:
         check_events(task, outcome, action)
         event(f"{task.status} {type(action).__name__} -> {outcome.task.status}")
         task = outcome.task
+
+
+# ---------------------------------------------------------------------------------------------
+# task_api.mutate and its task row cache, on a store shared by two "processes"
+
+
+class SharedStore:
+    """The task rows of a store two apps share, counting the reads."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, bytes] = {}
+        self.reads = 0
+
+    async def get_task(self, task_id: str) -> bytes | None:
+        self.reads += 1
+        return self.rows.get(task_id)
+
+
+class FakeApp:
+    """What ``mutate`` uses of an App: the store's task read and a version-checked commit."""
+
+    def __init__(self, store: SharedStore) -> None:
+        self.store = store
+        self.fail: Exception | None = None
+
+    async def commit(self, write: Write) -> list[StoredEvent]:
+        if self.fail is not None:
+            raise self.fail
+        row = write.task
+        assert row is not None
+        stored = self.store.rows.get(row.id)
+        current = None if stored is None else msgspec.json.decode(stored, type=Task).version
+        if current != (row.expected_version or None):
+            raise TaskConflict(row.id, current)
+        self.store.rows[row.id] = row.data
+        return []
+
+
+def stored(store: SharedStore) -> Task:
+    return msgspec.json.decode(store.rows[TASK], type=Task)
+
+
+def change(app: FakeApp, action: Action) -> Task:
+    """``action`` through ``mutate`` on ``app``; the task as the store now holds it."""
+
+    def view(task: Task) -> tuple[int, bytes]:
+        return 200, msgspec.json.encode(task)
+
+    response = asyncio.run(
+        task_api.mutate(cast(App, app), TASK, lambda: action, lambda task: None, view)
+    )
+    assert response.status == 200
+    return msgspec.json.decode(response.body, type=Task)
+
+
+def two_processes() -> tuple[SharedStore, FakeApp, FakeApp]:
+    store = SharedStore()
+    return store, FakeApp(store), FakeApp(store)
+
+
+def test_mutate_decides_from_the_row_it_committed() -> None:
+    store, a, _ = two_processes()
+    change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
+    reads = store.reads
+    change(a, Claim(app_id="x", holder="h", run_id=RUN, now_ms=T0 + 1, lease_ms=LEASE))
+    for i in range(5):
+        change(a, Step(run_id=RUN, phase="p", user_message=f"s{i}", now_ms=T0 + 2 + i))
+    change(a, Heartbeat(run_id=RUN, now_ms=T0 + 10, lease_ms=LEASE))
+    assert store.reads == reads
+    assert stored(store).version == 8
+    assert task_api.task_cache(cast(App, a)).get(TASK) == stored(store)
+
+
+def test_a_stale_row_costs_a_conflict_and_a_read() -> None:
+    store, a, b = two_processes()
+    change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
+    change(a, Claim(app_id="x", holder="h", run_id=RUN, now_ms=T0 + 1, lease_ms=LEASE))
+    # The other process takes the heartbeat (version 3); a's row is still version 2.
+    change(b, Heartbeat(run_id=RUN, now_ms=T0 + 2, lease_ms=LEASE))
+    reads = store.reads
+    new = change(a, Step(run_id=RUN, phase="p", user_message="m", now_ms=T0 + 3))
+    assert store.reads == reads + 1
+    assert new.version == 4
+    assert new.lease_expires_ms == T0 + 2 + LEASE  # b's heartbeat was kept
+    assert stored(store) == new
+
+
+def test_a_refusal_from_a_cached_row_is_checked_against_the_store() -> None:
+    store, a, b = two_processes()
+    change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
+    # b claims the task a last saw queued; a's row would refuse b's run.
+    claimed = change(b, Claim(app_id="x", holder="h", run_id=RUN, now_ms=T0 + 1, lease_ms=LEASE))
+    reads = store.reads
+    new = change(a, Step(run_id=RUN, phase="p", user_message="m", now_ms=T0 + 2))
+    assert store.reads == reads + 1
+    assert new.version == claimed.version + 1
+    assert new.last_step is not None
+
+
+def test_a_refusal_confirmed_by_the_store_is_answered() -> None:
+    store, a, _ = two_processes()
+    change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
+    reads = store.reads
+    with pytest.raises(ApiError) as info:
+        change(a, Answer(answer="yes", now_ms=T0 + 1))
+    assert info.value.code == INV
+    assert store.reads == reads + 1
+    assert stored(store).version == 1
+
+
+def test_final_tasks_are_not_cached_and_a_failed_commit_forgets_the_row() -> None:
+    _, a, _ = two_processes()
+    cache = task_api.task_cache(cast(App, a))
+    change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
+    assert cache.get(TASK) is not None
+    a.fail = ApiError("not_ready", "the store is unavailable")
+    with pytest.raises(ApiError):
+        change(a, Cancel(now_ms=T0 + 1))
+    assert cache.get(TASK) is None
+    a.fail = None
+    assert change(a, Cancel(now_ms=T0 + 2)).status is Status.CANCELLED
+    assert cache.get(TASK) is None
+
+
+def test_the_task_cache_is_bounded_and_keeps_the_newest_row(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(task_api, "TASK_CACHE_SIZE", 2)
+    cache = task_api.TaskCache()
+    one, two, three = (
+        msgspec.structs.replace(queued(), id=task_id) for task_id in ("t1", "t2", "t3")
+    )
+    cache.put(one)
+    cache.put(two)
+    assert cache.get("t1") == one  # now the most recently used
+    cache.put(three)
+    assert (cache.get("t1"), cache.get("t2"), cache.get("t3")) == (one, None, three)
+    newer = msgspec.structs.replace(one, version=5)
+    cache.put(newer)
+    cache.put(one)
+    assert cache.get("t1") == newer
 
 
 # ---------------------------------------------------------------------------------------------
