@@ -1,4 +1,5 @@
-"""Route handlers: health, the realtime upgrade and SSE streams, and the publish API.
+"""Route handlers: health, the realtime upgrade and SSE streams, the publish API, and the
+built-in live viewer page at ``/``.
 
 Handlers take a parsed ``Request`` and return a ``Response`` (or a ``Stream`` or an
 ``Upgrade``); refusals are raised as ``ApiError`` and rendered by ``App.dispatch``.
@@ -9,7 +10,9 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import re
 import time
+from importlib import resources
 from typing import Final, TypeVar
 
 import msgspec
@@ -44,6 +47,7 @@ MAX_IDEMPOTENCY_KEY: Final = 255
 def install(app: App) -> None:
     """Register every route on the app's router."""
     r = app.router
+    r.add("GET", "/", lambda req, p: viewer(app, req))
     r.add("GET", "/healthz", lambda req, p: healthz(app, req))
     r.add("GET", "/readyz", lambda req, p: readyz(app, req))
     r.add("GET", "/metrics", lambda req, p: metrics_endpoint(app, req))
@@ -147,6 +151,49 @@ async def readyz(app: App, request: Request) -> Response:
     except Exception as exc:
         raise ApiError("not_ready", f"the event log is unavailable: {exc}") from None
     return json_response(200, {"status": "ready", "epoch": app.epoch})
+
+
+# -- viewer --------------------------------------------------------------------------------
+
+
+def _inline_hash(html: bytes, tag: bytes) -> bytes:
+    """The CSP source expression allowing the one inline ``<tag>`` block of the page."""
+    start = html.index(b"<" + tag + b">") + len(tag) + 2
+    end = html.index(b"</" + tag + b">", start)
+    return b"'sha256-" + base64.b64encode(hashlib.sha256(html[start:end]).digest()) + b"'"
+
+
+VIEWER: Final = resources.files("etherd").joinpath("viewer.html").read_bytes()
+# Only the page's own inline script and style run; it may connect to this server only.
+_VIEWER_CSP: Final = (
+    b"default-src 'none'; script-src "
+    + _inline_hash(VIEWER, b"script")
+    + b"; style-src "
+    + _inline_hash(VIEWER, b"style")
+    + b"; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
+    b"connect-src 'self'"
+)
+_HOST: Final = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
+
+
+async def viewer(app: App, request: Request) -> Response:
+    """``GET /``: a small page that subscribes to a topic and lists its events live."""
+    csp = _VIEWER_CSP
+    host = request.headers.get("host", "")
+    if _HOST.fullmatch(host):
+        # 'self' covers ws: and wss: in CSP Level 3; older browsers need them spelled out.
+        csp += b" ws://" + host.encode() + b" wss://" + host.encode()
+    return Response(
+        200,
+        VIEWER,
+        b"text/html; charset=utf-8",
+        headers=(
+            (b"Content-Security-Policy", csp),
+            (b"X-Content-Type-Options", b"nosniff"),
+            (b"Referrer-Policy", b"no-referrer"),
+            (b"Cache-Control", b"no-cache"),
+        ),
+    )
 
 
 # -- realtime ------------------------------------------------------------------------------

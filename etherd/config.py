@@ -8,6 +8,7 @@ the key, in the file and in the environment alike.
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -75,6 +76,9 @@ class HttpConfig(_Section):
     # Unsent response bytes per connection (SSE included) before reading pauses or,
     # for SSE streams, the stream is dropped as a slow consumer.
     max_pending_bytes: Pos = 4 * 1024 * 1024
+    # Browser origins (``scheme://host[:port]``) allowed to call the HTTP API and SSE from
+    # another origin (CORS); "*" allows any. Empty: no CORS headers at all.
+    cors_origins: list[str] = msgspec.field(default_factory=list)
 
 
 class WsConfig(_Section):
@@ -207,6 +211,9 @@ def is_loopback(host: str) -> bool:
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
 
+# A serialized origin as browsers send it in the Origin header.
+_ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
+
 DEFAULT_CONFIG_PATH = Path("conf/etherd.toml")
 ENV_PREFIX = "ETHERD_"
 # Variables with this prefix that are not configuration keys.
@@ -315,6 +322,13 @@ def _check(config: Config) -> None:
         )
     if config.ws.ping_timeout_s > config.ws.ping_interval_s * 10:
         raise ConfigError("ws.ping_timeout_s must be at most ten times ws.ping_interval_s")
+    for origin in config.http.cors_origins:
+        if origin != "*" and not _ORIGIN.fullmatch(origin):
+            raise ConfigError(
+                f"http.cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
+                f'in lower case with no path or trailing slash (e.g. "http://localhost:3000"), '
+                f'or "*" for any origin'
+            )
     url = config.store_url
     if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
         raise ConfigError(f"store.url must start with sqlite:/// or postgresql://, got {url!r}")

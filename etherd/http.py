@@ -12,11 +12,18 @@ Limits: ``http.max_header_bytes`` (request line and headers, 431), ``http.max_he
 read, and while a chunked body arrives), ``http.request_timeout_s`` (a request must arrive
 whole in time, else 408), ``http.keepalive_timeout_s`` (idle connections close),
 ``http.max_pipelined`` and ``http.max_inflight`` (server-wide, 503 past it).
+
+CORS: a request whose ``Origin`` is listed in ``http.cors_origins`` (or any origin, with
+"*") gets ``Access-Control-Allow-Origin`` echoing it, on JSON answers and SSE streams alike;
+a preflight (``OPTIONS`` with ``Access-Control-Request-Method``) on a known route gets 204
+from an allowed origin and 403 from any other. No credentials are ever allowed: etherd
+authenticates with bearer tokens, never cookies. Requests without ``Origin`` pay nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections import deque
@@ -34,7 +41,7 @@ from etherd.messages import error_body
 if TYPE_CHECKING:
     from etherd.app import App
 
-__all__ = ["HttpConnection", "Request", "Response", "Stream", "Upgrade"]
+__all__ = ["Cors", "HttpConnection", "Request", "Response", "Stream", "Upgrade"]
 
 log = logging.getLogger("etherd.http")
 
@@ -166,10 +173,14 @@ def http_date() -> bytes:
 def render(response: Response, keep_alive: bool, head_only: bool = False) -> bytes:
     """Serialize a response; status lines are looked up, never formatted from scratch."""
     reason = _REASONS.get(response.status, b"Unknown")
-    parts = [
-        b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: etherd\r\nContent-Length: %d\r\n"
-        % (response.status, reason, http_date(), len(response.body))
-    ]
+    if response.status == 204:
+        # RFC 9110 section 8.6: no Content-Length on a 204.
+        parts = [b"HTTP/1.1 204 %s\r\nDate: %s\r\nServer: etherd\r\n" % (reason, http_date())]
+    else:
+        parts = [
+            b"HTTP/1.1 %d %s\r\nDate: %s\r\nServer: etherd\r\nContent-Length: %d\r\n"
+            % (response.status, reason, http_date(), len(response.body))
+        ]
     if response.body or response.status >= 400:
         parts.append(b"Content-Type: " + response.content_type + b"\r\n")
     for name, value in response.headers:
@@ -180,9 +191,80 @@ def render(response: Response, keep_alive: bool, head_only: bool = False) -> byt
     return b"".join(parts)
 
 
+# CORS: request headers a browser may send cross-origin, response headers its scripts may
+# read, and how long (seconds) it may cache a preflight answer.
+CORS_ALLOW_HEADERS: Final = (
+    b"Authorization, Content-Type, Idempotency-Key, X-Ether-Harness-App, Last-Event-ID"
+)
+CORS_EXPOSE_HEADERS: Final = b"Idempotent-Replayed, WWW-Authenticate"
+CORS_MAX_AGE: Final = b"600"
+_CORS_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
+
+
+class Cors:
+    """The cross-origin policy of ``http.cors_origins``."""
+
+    __slots__ = ("_any", "_origins")
+
+    def __init__(self, origins: list[str]) -> None:
+        self._any = "*" in origins
+        self._origins = frozenset(origins)
+
+    def allows(self, origin: str) -> bool:
+        """Whether scripts from this origin may read etherd's answers."""
+        return self._any or origin in self._origins
+
+    @staticmethod
+    def headers(origin: str) -> tuple[tuple[bytes, bytes], ...]:
+        """Headers for an answer to an allowed origin (echoed, never "*" with credentials)."""
+        return (
+            (b"Access-Control-Allow-Origin", origin.encode("latin-1")),
+            (b"Access-Control-Expose-Headers", CORS_EXPOSE_HEADERS),
+            (b"Vary", b"Origin"),
+        )
+
+    def preflight(self, request: Request, app: App) -> Response:
+        """Answer ``OPTIONS`` with ``Access-Control-Request-Method`` (the CORS preflight)."""
+        origin = request.headers["origin"]
+        if not self.allows(origin):
+            return error_response(
+                ApiError(
+                    "forbidden",
+                    f"origin {origin[:100]!r} may not call this server from a browser; "
+                    f"list it in http.cors_origins",
+                )
+            )
+        methods = []
+        for method in _CORS_METHODS:
+            try:
+                app.router.resolve(method, request.path)
+            except ApiError:
+                continue
+            methods.append(method)
+        if not methods:
+            return error_response(ApiError("not_found", f"no route for {request.path}"))
+        return Response(
+            204,
+            headers=(
+                (b"Access-Control-Allow-Methods", ", ".join(methods).encode()),
+                (b"Access-Control-Allow-Headers", CORS_ALLOW_HEADERS),
+                (b"Access-Control-Max-Age", CORS_MAX_AGE),
+            ),
+        )
+
+
+_NO_CORS: Final = Cors([])
+
+
 def error_response(exc: ApiError, headers: tuple[tuple[bytes, bytes], ...] = ()) -> Response:
     """The JSON error body for a refusal."""
     return Response(exc.status, error_body(exc.code, exc.message), headers=headers)
+
+
+@functools.lru_cache(maxsize=8)
+def _cors_policy(origins: tuple[str, ...]) -> Cors:
+    """One policy object per configuration, shared by its connections."""
+    return Cors(list(origins))
 
 
 class _Incoming:
@@ -211,6 +293,7 @@ class HttpConnection(asyncio.Protocol):
         self._max_headers = cfg.max_headers
         self._max_body = cfg.max_body_bytes
         self._max_pipelined = cfg.max_pipelined
+        self._cors = _cors_policy(tuple(cfg.cors_origins)) if cfg.cors_origins else None
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
         self.peer = "-"
@@ -403,7 +486,14 @@ class HttpConnection(asyncio.Protocol):
                 else:
                     app.inflight += 1
                     try:
-                        result = await app.dispatch(request)
+                        if (
+                            request.method == "OPTIONS"
+                            and "origin" in request.headers
+                            and "access-control-request-method" in request.headers
+                        ):
+                            result = (self._cors or _NO_CORS).preflight(request, app)
+                        else:
+                            result = await app.dispatch(request)
                     finally:
                         app.inflight -= 1
                 if not self._answer(request, result):
@@ -426,9 +516,18 @@ class HttpConnection(asyncio.Protocol):
             self.app.http_connections.discard(self)
             result.handoff(transport, request, tail)
             return False
+        cors: tuple[tuple[bytes, bytes], ...] = ()
+        if self._cors is not None:
+            origin = request.headers.get("origin")
+            if origin is not None and self._cors.allows(origin):
+                cors = Cors.headers(origin)
         if isinstance(result, Stream):
-            self._start_stream(result)
+            self._start_stream(result, cors)
             return False
+        if cors:
+            result = Response(
+                result.status, result.body, result.content_type, result.headers + cors
+            )
         keep_alive = (
             request.keep_alive
             and not request.upgrade
@@ -443,16 +542,18 @@ class HttpConnection(asyncio.Protocol):
             return False
         return True
 
-    def _start_stream(self, stream: Stream) -> None:
+    def _start_stream(self, stream: Stream, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
         assert self.transport is not None
         self._disarm()
         self.streaming = True
         self.alive = True
+        extra = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
         self.transport.write(
             b"HTTP/1.1 200 OK\r\nDate: " + http_date() + b"\r\nServer: etherd\r\n"
             b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
             b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n"
-            b"\r\n"
+            + extra
+            + b"\r\n"
         )
         stream.start(self)
 
