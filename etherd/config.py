@@ -165,6 +165,8 @@ class LogConfig(_Section):
 class MetricsConfig(_Section):
     # When true, /metrics needs an admin token.
     require_admin: bool = True
+    # Seconds between counts of tasks by status (the etherd_tasks gauge).
+    task_count_interval_s: PosFloat = 5.0
 
 
 class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):

@@ -116,6 +116,7 @@ class Server:
         self._tasks.append(loop.create_task(self._sse_heartbeats()))
         self._tasks.append(loop.create_task(self._retention()))
         self._tasks.append(loop.create_task(task_api.sweep_leases(app)))
+        self._tasks.append(loop.create_task(self._count_tasks()))
         self._background.append(loop.create_task(app.metrics.measure_loop_lag()))
 
     def ready(self) -> None:
@@ -325,6 +326,22 @@ class Server:
             await asyncio.sleep(self.config.realtime.sse_heartbeat_s)
             for conn in list(app.sse_streams):
                 app.hub.queue(conn, chunk)
+
+    async def _count_tasks(self) -> None:
+        """Refresh the tasks-by-status gauge; counting runs in the store, off the scrape."""
+        app = self.app
+        assert app is not None
+        counts: dict[str, int] = {}
+        app.metrics.task_counts = lambda: counts
+        while True:
+            try:
+                fresh = await app.store.task_counts()
+            except Exception as exc:
+                log.debug("counting tasks failed: %s", exc)
+            else:
+                counts.clear()
+                counts.update(fresh)
+            await asyncio.sleep(app.config.metrics.task_count_interval_s)
 
     async def _retention(self) -> None:
         """Trim the log per the retention rules (re-read on every pass), forever."""

@@ -190,6 +190,10 @@ class Store(abc.ABC):
         expired (``lease_expires_ms <= now_ms``), earliest expiry first (then ``id``)."""
 
     @abc.abstractmethod
+    async def task_counts(self) -> dict[str, int]:
+        """How many tasks the store holds in each status (for metrics)."""
+
+    @abc.abstractmethod
     async def ping(self) -> None:
         """Return when the database answers; raise ``StoreUnavailable`` otherwise."""
 

@@ -459,6 +459,11 @@ class PostgresStore(Store):
     async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:
         return await self._datas(_EXPIRED, now_ms, limit)
 
+    async def task_counts(self) -> dict[str, int]:
+        async with self._conn() as con:
+            rows = await con.fetch("SELECT status, count(*) FROM tasks GROUP BY status")
+        return {str(r[0]): int(r[1]) for r in rows}
+
     async def _datas(self, sql: str, *args: object) -> list[bytes]:
         """The ``data`` column of every row a task query returns."""
         async with self._conn() as con:

@@ -343,6 +343,14 @@ class SqliteStore(Store):
     async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:
         return await self._read(self._datas, _EXPIRED, (now_ms, limit))
 
+    async def task_counts(self) -> dict[str, int]:
+        return await self._read(self._counts)
+
+    def _counts(self) -> dict[str, int]:
+        assert self._rcon is not None
+        rows = self._rcon.execute("SELECT status, count(*) FROM tasks GROUP BY status")
+        return {str(status): int(n) for status, n in rows.fetchall()}
+
     def _datas(self, sql: str, args: tuple[object, ...]) -> list[bytes]:
         """The ``data`` column of every row a task query returns."""
         assert self._rcon is not None

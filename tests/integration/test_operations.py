@@ -439,7 +439,9 @@ def test_sighup_reloads_keys_and_log_level_without_dropping_connections(
 
 @pytest.fixture(scope="module")
 def metered(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etherd]:
-    server = Etherd(tmp_path_factory.mktemp("metered")).start()
+    server = Etherd(
+        tmp_path_factory.mktemp("metered"), {"metrics": {"task_count_interval_s": 0.1}}
+    ).start()
     yield server
     server.kill()
 
@@ -454,6 +456,23 @@ def test_metrics_need_an_admin_token(metered: Etherd) -> None:
     assert status == 403
     status, body = metered.request("GET", "/metrics", token=make_token("ops", "admin"))
     assert status == 200 and isinstance(body, bytes)
+
+
+def test_tasks_by_status_gauge(metered: Etherd) -> None:
+    for _ in range(2):
+        status, _ = metered.request("POST", "/api/tasks", {"prompt": "count me"}, token="test")
+        assert status == 201
+    status, body = metered.request("POST", "/api/tasks", {"prompt": "cancel me"}, token="test")
+    assert metered.request("POST", f"/api/tasks/{body['id']}/cancel", token="test")[0] == 200
+    deadline = time.monotonic() + 5
+    while True:
+        samples = scrape(metered)
+        queued = value(samples, "etherd_tasks", status="queued")
+        cancelled = value(samples, "etherd_tasks", status="cancelled")
+        if (queued, cancelled) == (2, 1) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert (queued, cancelled) == (2, 1)
 
 
 def test_metrics_parse_and_counters_move(metered: Etherd) -> None:
