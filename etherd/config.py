@@ -87,6 +87,8 @@ class WsConfig(_Section):
     max_topics_per_connection: Pos = 1_000
     # Wildcard subscriptions are costlier to match; each connection may hold this many.
     max_patterns_per_connection: Pos = 16
+    # Commands waiting behind a subscribe that is still reading the store.
+    max_queued_commands: Pos = 64
     # Unsent bytes per connection; past it the connection is closed with 4008.
     max_pending_bytes: Pos = 8 * 1024 * 1024
     max_connections_per_subject: Pos = 10_000

@@ -88,6 +88,17 @@ class Session(SessionBase):
             self.reply(ErrorReply(None, "bad_request", f"message is not JSON: {exc}"))
             return
         if self._busy:
+            limit = self.app.config.ws.max_queued_commands
+            if len(self._commands) >= limit:
+                self.reply(
+                    ErrorReply(
+                        command.id,
+                        "rate_limited",
+                        f"{limit} commands are already waiting (ws.max_queued_commands); "
+                        f"wait for replies before sending more",
+                    )
+                )
+                return
             self._commands.append(command)
             return
         self._run(command)

@@ -436,6 +436,7 @@ LIMITS: dict[str, Any] = {
         "max_topics_per_connection": 3,
         "max_patterns_per_connection": 1,
         "max_connections_per_subject": 2,
+        "max_queued_commands": 2,
     }
 }
 
@@ -1054,6 +1055,27 @@ def test_pattern_limit_across_subscribes(limited: Etherd) -> None:
         send_json(ws, {"action": "unsubscribe", "topics": ["tasks/*"]})
         assert recv_json(ws)["topics"] == ["tasks/*"]
         assert subscribe(ws, ["harness/>"])["errors"] == []
+
+
+def test_commands_queued_behind_a_subscribe_are_capped(limited: Etherd) -> None:
+    # A subscribe to a concrete topic reads the store; commands sent meanwhile wait, at most
+    # ws.max_queued_commands of them. A burst past that is refused, and nothing is lost.
+    token = make_token(f"burst-{uid()}", role="admin")
+    with ws_open(limited, token, max_queue=None) as ws:
+        burst = 30
+        ws.send(json.dumps({"action": "subscribe", "topics": [f"burst/{uid()}"], "id": "s"}))
+        for n in range(burst):
+            send_json(ws, {"action": "ping", "id": n})
+        replies = [recv_json(ws) for _ in range(burst + 1)]
+        refused = [r for r in replies if r["type"] == "error"]
+        pongs = [r["id"] for r in replies if r["type"] == "pong"]
+        assert replies[0]["type"] in ("subscribed", "pong", "error")
+        assert refused, "no command was refused"
+        assert all(r["code"] == "rate_limited" for r in refused)
+        assert "ws.max_queued_commands" in refused[0]["message"]
+        assert sorted(pongs + [r["id"] for r in refused]) == list(range(burst))
+        assert len(pongs) >= 2
+        assert until_pong(ws) == []
 
 
 def test_pattern_limit_within_one_subscribe(limited: Etherd) -> None:
