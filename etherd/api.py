@@ -224,7 +224,6 @@ async def realtime(app: App, request: Request) -> Upgrade:
             tail,
             session,
             max_frame_bytes=cfg.max_message_bytes,
-            handshake_timeout_s=cfg.handshake_timeout_s,
         )
     )
 
@@ -262,7 +261,6 @@ async def echo(app: App, request: Request) -> Upgrade:
             tail,
             Echo(cfg.max_message_bytes),
             max_frame_bytes=cfg.max_message_bytes,
-            handshake_timeout_s=cfg.handshake_timeout_s,
         )
     )
 

@@ -96,7 +96,6 @@ class WsConfig(_Section):
     # for ping_timeout_s more is closed with 4000 (ping timeout).
     ping_interval_s: PosFloat = 20.0
     ping_timeout_s: PosFloat = 20.0
-    handshake_timeout_s: PosFloat = 5.0
     # Subscribers written to per loop iteration; a larger fan-out yields to other work.
     fanout_slice: Pos = 2_000
     # Path of an echo endpoint for the Autobahn conformance suite; empty (off) in production.

@@ -45,6 +45,7 @@ _picows_log = logging.getLogger("picows.server")
 # picows keeps a 2 KiB read buffer minimum; subscribers send little, so that is enough and
 # keeps 10,000 idle connections small.
 READ_BUFFER_BYTES: Final = 2048
+HANDSHAKE_TIMEOUT_S: Final = 5.0
 # Seconds a session closed by the server may take to flush before the socket is cut.
 CLOSE_GRACE_S: Final = 2.0
 
@@ -61,7 +62,6 @@ def handoff(
     listener: WSListener,
     *,
     max_frame_bytes: int,
-    handshake_timeout_s: float,
 ) -> None:
     """Give an authorised upgrade request's connection to picows.
 
@@ -93,7 +93,8 @@ def handoff(
         lambda _request: listener,
         _picows_log,
         True,  # disconnect_on_exception
-        handshake_timeout_s,
+        # The whole handshake is fed in below, so picows never waits for it.
+        HANDSHAKE_TIMEOUT_S,
         False,  # auto-ping: the server's sweep pings idle sessions instead of a task each
         20.0,
         10.0,

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import Etherd, make_token, raw_exchange
 
@@ -302,3 +304,47 @@ def test_realtime_config(etherd: Etherd) -> None:
     status, body = etherd.request("GET", "/api/realtime/config")
     assert status == 200 and body["prefer_websocket"] is True
     assert body["websocket_url"] == f"ws://127.0.0.1:{etherd.port}/api/realtime"
+
+
+def test_limits_on_connections_streams_and_prompts(tmp_path: Path) -> None:
+    server = Etherd(
+        tmp_path,
+        {
+            "server": {"max_connections": 2},
+            "http": {"max_pending_bytes": 65536, "max_body_bytes": 2_000_000},
+            "tasks": {"max_prompt_bytes": 100},
+        },
+    ).start()
+    try:
+        # server.max_connections: the third WebSocket is refused before the upgrade.
+        with connect(server.ws_url + "?token=test"), connect(server.ws_url + "?token=test"):
+            with pytest.raises(InvalidStatus) as refused:
+                connect(server.ws_url + "?token=test")
+            assert refused.value.response.status_code == 503
+        # tasks.max_prompt_bytes
+        status, body = server.request("POST", "/api/tasks", {"prompt": "p" * 101}, token="test")
+        assert status == 413 and "tasks.max_prompt_bytes" in error_of(body)[1]
+        # http.max_pending_bytes: an SSE reader that stops reading is dropped; others go on.
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", server.port))
+        stalled.sendall(b"GET /api/events?topic=sse/slow&token=test HTTP/1.1\r\nHost: x\r\n\r\n")
+        time.sleep(0.3)
+        # Far more than the kernel's socket buffers hold, so the stream's own backlog grows.
+        event = {"topic": "sse/slow", "event": "n", "data": {"pad": "x" * 8000}, "durable": False}
+        for _ in range(20):
+            status, _ = server.request("POST", "/api/publish", {"events": [event] * 100},
+                                       token="test")  # fmt: skip
+            assert status == 200
+        stalled.settimeout(5)
+        received = 0
+        try:
+            while chunk := stalled.recv(1 << 20):
+                received += len(chunk)
+        except ConnectionResetError:
+            pass
+        stalled.close()
+        assert received < 2000 * 8000  # cut off, not everything was delivered
+        assert server.request("GET", "/healthz")[0] == 200
+    finally:
+        server.kill()
