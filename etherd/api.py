@@ -33,7 +33,7 @@ from etherd.messages import (
     event_json,
 )
 from etherd.metrics import metrics_endpoint
-from etherd.realtime import Session, hold, replay_to, resume
+from etherd.realtime import Session, replay_to, resume
 from etherd.store import IdempotencyConflict
 from etherd.topics import TopicError, is_pattern, validate_pattern, validate_topic
 from etherd.ws import handoff
@@ -317,7 +317,7 @@ def start_stream(app: App, conn: HttpConnection, topic: str, since: int | None) 
     conn.on_stream_closed = closed
     app.sse_streams.add(conn)
     if since is not None:
-        hold(conn, topic, since)
+        hub.hold(conn, topic, since)
     hub.subscribe(topic, conn)
     hub.queue(conn, _sse_comment(b"etherd stream " + topic.encode()))
     if since is not None:

@@ -35,7 +35,7 @@ from urllib.parse import parse_qs
 import httptools
 
 from etherd.errors import ApiError
-from etherd.hub import KIND_SSE, Resuming
+from etherd.hub import KIND_SSE, Resuming, Segment
 from etherd.messages import error_body
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ class HttpConnection(asyncio.Protocol):
         # SSE sink state.
         self.streaming = False
         self.alive = False
-        self.pending: list[bytes] = []
+        self.pending: list[bytes | Segment] = []
         self.resuming: dict[str, Resuming] | None = None
         self.stream_topics: list[str] = []
         self.on_stream_closed: Callable[[], None] | None = None

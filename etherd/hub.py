@@ -3,13 +3,23 @@
 Theory of operation
 -------------------
 ``publish`` receives an event after it is committed (or, for ``durable: false``, at once).
-It builds the event's JSON once and its WebSocket frame once, looks the topic up in the
-trie (usually a cache hit returning a shared tuple of subscribers) and appends the frame
-to each subscriber's ``pending`` list. Nothing is written yet. A flush is scheduled for
-the end of the loop iteration; it joins each subscriber's pending frames and makes one
-write per subscriber, so ten events published in one tick cost one system call per
-subscriber instead of ten (measured: about 1 µs of CPU per frame coalesced, 6-9 µs per
-frame written one by one).
+It builds the event's JSON once and its WebSocket frame once and looks the topic up in the
+trie (usually a cache hit returning a shared tuple of subscribers). Nothing is written yet:
+a flush is scheduled for the end of the loop iteration, and it makes one write per
+subscriber, so ten events published in one tick cost one system call per subscriber
+instead of ten (measured: about 1 µs of CPU per frame coalesced, 6-9 µs per frame written
+one by one).
+
+Events go to subscribers in *segments*: the first event of a topic in a tick opens a
+segment and puts a reference to it on each subscriber's ``pending`` list (one append per
+subscriber); further events of the same topic in the same tick are added to the segment
+only, at no cost per subscriber. At flush the segment's frames are joined once and the same
+bytes are written to every subscriber. A segment stays open only while nothing could be
+reordered by extending it: anything else queued for any sink (a reply, a replay, an event
+of another topic) or a flush seals it, and the next event opens a new one. So every sink
+sees exactly the order in which things were queued for it, and a 10,000-subscriber topic
+published to several times per tick costs one pass over the subscribers per tick rather
+than one per event.
 
 A flush over very many subscribers is cut into slices of ``fanout_slice`` subscribers;
 the rest is rescheduled so HTTP requests and commits interleave with a large fan-out.
@@ -30,14 +40,23 @@ past that offset ends the check.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import Final, Protocol
 
 from etherd.eventlog import StoredEvent
 from etherd.messages import event_json
 from etherd.topics import TopicTrie
 
-__all__ = ["KIND_SSE", "KIND_WS", "Hub", "Prepared", "Resuming", "Sink", "ws_text_frame"]
+__all__ = [
+    "KIND_SSE",
+    "KIND_WS",
+    "Hub",
+    "Prepared",
+    "Resuming",
+    "Segment",
+    "Sink",
+    "ws_text_frame",
+]
 
 KIND_WS: Final = 0
 KIND_SSE: Final = 1
@@ -92,11 +111,37 @@ class Resuming:
         self.floor = floor
 
 
+class Segment:
+    """Consecutive events of one topic queued for the same subscribers within one tick."""
+
+    __slots__ = ("_sse", "_ws", "frames", "special", "subs")
+
+    def __init__(self, subs: Collection[Sink], first: Prepared) -> None:
+        self.subs = subs
+        self.frames = [first]
+        # Subscribers resuming this topic: they get each event on their own (held or not).
+        self.special: list[Sink] = []
+        self._ws: bytes | None = None
+        self._sse: bytes | None = None
+
+    def joined(self, kind: int) -> bytes:
+        """All frames of the segment as one buffer, built once per wire variant."""
+        if kind == KIND_WS:
+            if self._ws is None:
+                frames = self.frames
+                self._ws = frames[0].ws if len(frames) == 1 else b"".join(p.ws for p in frames)
+            return self._ws
+        if self._sse is None:
+            self._sse = b"".join(p.sse for p in self.frames)
+        return self._sse
+
+
 class Sink(Protocol):
     """What the hub needs from a subscriber (a WebSocket session or an SSE stream)."""
 
     kind: int
-    pending: list[bytes]
+    # What to write at the next flush, in order: own bytes and shared segments.
+    pending: list[bytes | Segment]
     # Topics being resumed from the store; None (the fast path) when there are none.
     resuming: dict[str, Resuming] | None
     # False once the sink is closed; the hub then drops it without writing.
@@ -118,6 +163,9 @@ class Hub:
         self._trie: TopicTrie[Sink] = TopicTrie()
         self._dirty: list[Sink] = []
         self._flush_scheduled = False
+        # The segment later events of the same topic may join (see the module docstring).
+        self._open: Segment | None = None
+        self._open_topic = ""
         # Counters for metrics; plain ints so the hot path stays cheap.
         self.published = 0
         self.frames_queued = 0
@@ -172,25 +220,51 @@ class Hub:
     def publish(self, prepared: Prepared) -> int:
         """Queue one encoded event for every matching sink; returns how many."""
         self.published += 1
-        subs = self._trie.match(prepared.topic)
+        topic = prepared.topic
+        subs = self._trie.match(topic)
         if not subs:
             return 0
-        dirty = self._dirty
-        topic = prepared.topic
-        ws = prepared.ws
-        for sink in subs:
-            resuming = sink.resuming
-            if resuming is not None and topic in resuming and not _admit(sink, prepared):
-                continue
-            pending = sink.pending
-            if not pending:
-                dirty.append(sink)
-            pending.append(ws if sink.kind == KIND_WS else prepared.sse)
+        segment = self._open
+        if segment is not None and segment.subs is subs and self._open_topic == topic:
+            segment.frames.append(prepared)
+            for sink in segment.special:
+                self._one(sink, prepared)
+        else:
+            segment = Segment(subs, prepared)
+            self._open = segment
+            self._open_topic = topic
+            dirty = self._dirty
+            for sink in subs:
+                resuming = sink.resuming
+                if resuming is not None and topic in resuming:
+                    segment.special.append(sink)
+                    self._one(sink, prepared)
+                    continue
+                pending = sink.pending
+                if not pending:
+                    dirty.append(sink)
+                pending.append(segment)
         self.frames_queued += len(subs)
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._schedule(self.flush)
         return len(subs)
+
+    def _one(self, sink: Sink, prepared: Prepared) -> None:
+        """Deliver to a sink that resumes the topic: held, dropped or queued on its own."""
+        resuming = sink.resuming
+        if resuming is not None and prepared.topic in resuming and not _admit(sink, prepared):
+            return
+        if not sink.pending:
+            self._dirty.append(sink)
+        sink.pending.append(prepared.variant(sink.kind))
+
+    def hold(self, sink: Sink, topic: str, after: int) -> None:
+        """Start resuming a topic for a sink: live events wait until ``release``."""
+        self._open = None
+        if sink.resuming is None:
+            sink.resuming = {}
+        sink.resuming[topic] = Resuming(after)
 
     def release(self, sink: Sink, topic: str, last: int) -> None:
         """The replay of ``topic`` up to offset ``last`` is queued: let live events through."""
@@ -214,6 +288,8 @@ class Hub:
 
     def queue(self, sink: Sink, data: bytes) -> None:
         """Queue bytes for one sink in order with its fan-out (replies, replays)."""
+        # Events published after this must come after it: they start a new segment.
+        self._open = None
         if not sink.pending:
             self._dirty.append(sink)
         sink.pending.append(data)
@@ -224,6 +300,7 @@ class Hub:
     def flush(self) -> None:
         """Write each dirty sink's pending bytes in one write; slice very large flushes."""
         self._flush_scheduled = False
+        self._open = None
         dirty = self._dirty
         if len(dirty) > self._slice:
             now, rest = dirty[: self._slice], dirty[self._slice :]
@@ -239,7 +316,12 @@ class Hub:
             pending = sink.pending
             if not pending:
                 continue
-            data = pending[0] if len(pending) == 1 else b"".join(pending)
+            if len(pending) == 1:
+                item = pending[0]
+                data = item if isinstance(item, bytes) else item.joined(sink.kind)
+            else:
+                kind = sink.kind
+                data = b"".join([x if isinstance(x, bytes) else x.joined(kind) for x in pending])
             pending.clear()
             if sink.alive:
                 sink.write(data)

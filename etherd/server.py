@@ -20,6 +20,7 @@ watchdog from the event loop, and serves on an inherited socket when socket-acti
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -112,6 +113,9 @@ class Server:
             )
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
+        # Everything built so far lives as long as the process: keep it out of the cyclic
+        # collector's full passes, which otherwise rescan it while connections pour in.
+        gc.freeze()
         self._tasks.append(loop.create_task(self._sweep()))
         self._tasks.append(loop.create_task(self._sse_heartbeats()))
         self._tasks.append(loop.create_task(self._retention()))

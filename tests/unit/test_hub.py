@@ -7,13 +7,13 @@ from collections.abc import Callable
 import msgspec
 
 from etherd.eventlog import StoredEvent
-from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, ws_text_frame
+from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment, ws_text_frame
 
 
 class FakeSink:
     def __init__(self, kind: int = KIND_WS) -> None:
         self.kind = kind
-        self.pending: list[bytes] = []
+        self.pending: list[bytes | Segment] = []
         self.resuming: dict[str, Resuming] | None = None
         self.alive = True
         self.writes: list[bytes] = []
@@ -137,7 +137,7 @@ def test_resume_holds_then_releases_without_duplicates() -> None:
     loop = Loop()
     hub = Hub(loop.call_soon, fanout_slice=1000)
     s = FakeSink()
-    s.resuming = {"t/a": Resuming(2)}
+    hub.hold(s, "t/a", 2)
     hub.subscribe("t/a", s)
     hub.subscribe("t/b", s)
     hub.publish(prepared("t/a", 5))  # committed after the replay was read: held
@@ -161,7 +161,7 @@ def test_release_passes_held_events_past_the_replay() -> None:
     loop = Loop()
     hub = Hub(loop.call_soon, fanout_slice=1000)
     s = FakeSink()
-    s.resuming = {"t/a": Resuming(0)}
+    hub.hold(s, "t/a", 0)
     hub.subscribe("t/a", s)
     for n in (1, 2, 3):
         hub.publish(prepared("t/a", n))
@@ -208,3 +208,101 @@ def test_publish_stored_builds_the_envelope() -> None:
         "task_id": "x",
         "phase": "p",
     }
+
+
+def written(sink: FakeSink) -> list[bytes]:
+    return [p for w in sink.writes for p in frames(w)]
+
+
+def test_a_topic_published_many_times_per_tick_costs_one_pass() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=10_000)
+    sinks = [FakeSink() for _ in range(1000)]
+    for s in sinks:
+        hub.subscribe("t/a", s)
+    for n in range(10):
+        hub.publish(prepared("t/a", n))
+    assert all(len(s.pending) == 1 for s in sinks)  # one shared segment each
+    loop.run()
+    first = sinks[0].writes[0]
+    assert all(s.writes == [first] for s in sinks)
+    assert all(s.writes[0] is first for s in sinks)  # joined once, the same bytes for all
+
+
+def test_a_reply_between_events_keeps_its_place() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    a, b = FakeSink(), FakeSink()
+    hub.subscribe("t/a", a)
+    hub.subscribe("t/a", b)
+    hub.publish(prepared("t/a", 1))
+    hub.queue(a, ws_text_frame(b"reply"))
+    hub.publish(prepared("t/a", 2))
+    loop.run()
+    assert written(a) == [b'{"n":1}', b"reply", b'{"n":2}']
+    assert written(b) == [b'{"n":1}', b'{"n":2}']
+
+
+def test_events_of_several_topics_keep_their_order() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    both, only_a = FakeSink(), FakeSink()
+    hub.subscribe("t/a", both)
+    hub.subscribe("t/b", both)
+    hub.subscribe("t/a", only_a)
+    hub.publish(prepared("t/a", 1))
+    hub.publish(prepared("t/b", 2))
+    hub.publish(prepared("t/a", 3))
+    loop.run()
+    assert written(both) == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert written(only_a) == [b'{"n":1}', b'{"n":3}']
+
+
+def test_resuming_sink_inside_a_shared_fanout() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    live, resuming = FakeSink(), FakeSink()
+    hub.subscribe("t/a", live)
+    hub.subscribe("t/a", resuming)
+    hub.hold(resuming, "t/a", 0)
+    hub.publish(prepared("t/a", 1))
+    hub.publish(prepared("t/a", 2))
+    loop.run()
+    assert written(live) == [b'{"n":1}', b'{"n":2}'] and resuming.writes == []
+    hub.queue(resuming, prepared("t/a", 1).ws)  # the replay saw event 1 only
+    hub.release(resuming, "t/a", 1)
+    hub.publish(prepared("t/a", 3))
+    loop.run()
+    assert written(resuming) == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+    assert written(live) == [b'{"n":1}', b'{"n":2}', b'{"n":3}']
+
+
+def test_hold_during_an_open_fanout_applies_to_later_events() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s, other = FakeSink(), FakeSink()
+    hub.subscribe("t/a", s)
+    hub.subscribe("t/a", other)
+    hub.publish(prepared("t/a", 5))  # opens a segment that s holds a reference to
+    hub.hold(s, "t/a", 5)  # a resume from 5 starts in the same tick
+    hub.publish(prepared("t/a", 6))  # must wait for the replay, not ride the segment
+    loop.run()
+    assert written(s) == [b'{"n":5}']
+    assert written(other) == [b'{"n":5}', b'{"n":6}']
+    hub.release(s, "t/a", 5)
+    loop.run()
+    assert written(s) == [b'{"n":5}', b'{"n":6}']
+
+
+def test_sse_and_ws_sinks_share_a_segment() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    ws, sse = FakeSink(KIND_WS), FakeSink(KIND_SSE)
+    hub.subscribe("t/a", ws)
+    hub.subscribe("t/a", sse)
+    p1, p2 = prepared("t/a", 1), prepared("t/a", 2)
+    hub.publish(p1)
+    hub.publish(p2)
+    loop.run()
+    assert ws.writes == [p1.ws + p2.ws]
+    assert sse.writes == [p1.sse + p2.sse]
