@@ -19,11 +19,14 @@ What it does
    due at ``t0 + i / R`` and carries that scheduled ``time.monotonic_ns()`` as ``t``. A
    publisher that falls behind still stamps the scheduled time, so its lateness counts as
    latency. Topics are used round-robin.
-4. Each client takes ``monotonic_ns()`` when a frame is handed to it, finds ``"t":`` in the
-   payload with ``bytes.find`` (no JSON decode) and adds ``receive - scheduled`` to a
-   log-linear histogram (1 us resolution below 1.024 ms, then 512 sub-buckets per power of
-   two, so under 0.2 % relative error). CLOCK_MONOTONIC is system-wide, so the processes
-   share one clock.
+4. Each client takes ``monotonic_ns()`` when a frame is handed to it, finds ``"t":"`` in the
+   payload with ``bytes.find``, calls ``int()`` on the 20 digits after it (no JSON decode),
+   and adds ``receive - scheduled`` to a log-linear histogram (1 us resolution below
+   1.024 ms, then 512 sub-buckets per power of two, so under 0.2 % relative error).
+   CLOCK_MONOTONIC is system-wide, so the processes share one clock. ``--sample-every k``
+   times one frame in k (all are counted); ``--client raw`` hands the socket, after the
+   picows handshake and subscribe, to ``RawReader``, which counts same-size frames per
+   read instead of taking a Python call per frame.
 5. After the last publish the driver waits until every expected frame has arrived or
    nothing arrived for ``--drain-timeout`` seconds, then reports delivery, latency
    percentiles, server CPU (``/proc/PID/stat`` user+sys over the publish window, as % of
@@ -32,6 +35,12 @@ What it does
 
 ``--idle N`` only opens N connections (each subscribed to one topic unless
 ``--idle-no-subscribe``) and reports the server's VmRSS before and after.
+
+Diagnosis: ``--per-message`` (first arrival and fan-out spread of each message),
+``--trace-server FILE`` (runs ``traced_server.py``: flush time, publish-to-written time,
+GC pauses, loop lag, and Python allocations in idle mode), ``--py-spy FILE``. On a shared
+machine, ``--wait-quiet``, ``--max-noise`` and ``--retry-noisy`` keep other people's work
+out of the numbers, and each record says how much CPU others used (``noise_pct``).
 
 Output: a human-readable table on stdout and one JSON line per run, appended to ``--out``.
 """
@@ -211,10 +220,10 @@ def wait_quiet(max_pct: float, timeout: float, exclude: Sequence[int] = ()) -> f
 
 
 def all_proc_cpu() -> dict[int, tuple[str, float]]:
-    """CPU seconds of every user-space process on the machine, with its name.
+    """CPU seconds of every process on the machine, with its name.
 
-    Kernel threads (children of kthreadd, pid 2) are left out: on loopback, ksoftirqd and
-    the network workers run the benchmark's own TCP work.
+    Kernel threads (children of kthreadd, pid 2) are named ``[name]``: on loopback,
+    ksoftirqd and the network workers run much of the benchmark's own TCP work.
     """
     out: dict[int, tuple[str, float]] = {}
     for entry in os.scandir("/proc"):
@@ -227,7 +236,7 @@ def all_proc_cpu() -> dict[int, tuple[str, float]]:
         name = text[text.index("(") + 1 : text.rindex(")")]
         fields = text[text.rindex(")") + 2 :].split()
         if fields[1] in ("0", "2") and entry.name != "1":  # ppid: kernel threads
-            continue
+            name = f"[{name}]"
         out[int(entry.name)] = (name, (int(fields[11]) + int(fields[12])) / CLK_TCK)
     return out
 
@@ -241,7 +250,7 @@ def top_foreign(
     """CPU used by other user processes in between (% of a core), and the top four."""
     used: dict[str, float] = {}
     for pid, (name, cpu) in after.items():
-        if pid in ours:
+        if pid in ours or name.startswith("["):
             continue
         delta = cpu - before.get(pid, (name, 0.0))[1]
         if delta > 0:
@@ -1318,6 +1327,11 @@ def run_fanout(
     if pid:
         ours_pids.add(pid)
     noise, foreign_top = top_foreign(everyone_before, everyone_after, ours_pids, t_after - w0)
+    kthreads = sum(
+        cpu - everyone_before.get(p, (name, 0.0))[1]
+        for p, (name, cpu) in everyone_after.items()
+        if name.startswith("[")
+    )
     if server.trace:
         server.request_trace()
     results = clients.finish()
@@ -1423,6 +1437,7 @@ def run_fanout(
         # machine. A run with more than a few % here measured the neighbours too.
         "noise_pct": round(noise, 1),
         "noise_top_pct": foreign_top,
+        "kernel_threads_pct": round(100 * kthreads / (t_after - w0), 1),
         "loadavg_before": load_before,
         "closed_early": sum(r["closed"] for r in results),
         "close_codes": {str(k): v for r in results for k, v in r["close_codes"].items()},
