@@ -312,13 +312,25 @@ class Hub:
             self._dirty = []
         writes = 0
         nbytes = 0
+        # Neighbouring sinks usually hold the same single segment: reuse its bytes.
+        last: bytes | Segment | None = None
+        last_kind = -1
+        last_data = b""
         for sink in now:
             pending = sink.pending
             if not pending:
                 continue
             if len(pending) == 1:
                 item = pending[0]
-                data = item if isinstance(item, bytes) else item.joined(sink.kind)
+                kind = sink.kind
+                if item is last and kind == last_kind:
+                    data = last_data
+                elif isinstance(item, bytes):
+                    data = item
+                else:
+                    data = last_data = item.joined(kind)
+                    last = item
+                    last_kind = kind
             else:
                 kind = sink.kind
                 data = b"".join([x if isinstance(x, bytes) else x.joined(kind) for x in pending])
