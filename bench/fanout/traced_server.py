@@ -248,9 +248,7 @@ def apply_experiment(name: str) -> None:
 
         rt_mod.Session.__init__ = init  # type: ignore[method-assign]
     if name in ("logger-adapter", "memory"):
-        ws_mod._picows_log = logging.LoggerAdapter(
-            logging.getLogger("picows.server"), {}
-        )
+        ws_mod._picows_log = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 
 
 def main() -> int:
