@@ -20,7 +20,7 @@ import msgspec
 from etherd.app import App
 from etherd.auth import AuthError, Principal, may_publish, may_subscribe
 from etherd.errors import ApiError
-from etherd.eventlog import Idempotency, NewEvent, StoredEvent, Write
+from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, Write
 from etherd.http import HttpConnection, Request, Response, Stream, Upgrade
 from etherd.hub import Prepared
 from etherd.messages import (
@@ -34,9 +34,9 @@ from etherd.messages import (
 )
 from etherd.metrics import metrics_endpoint
 from etherd.realtime import Session, replay_to, resume
-from etherd.store import IdempotencyConflict
+from etherd.store import IdempotencyConflict, StoreUnavailable
 from etherd.topics import TopicError, is_pattern, validate_pattern, validate_topic
-from etherd.ws import handoff
+from etherd.ws import Echo, handoff
 
 __all__ = ["install"]
 
@@ -108,28 +108,25 @@ async def replayed(app: App, idem: Idempotency) -> Response | None:
     """The first answer to an earlier request with this key, or None if it is new."""
     try:
         answer = await app.store.idempotent(idem.scope, idem.key)
-    except Exception as exc:
+    except StoreUnavailable as exc:
         raise ApiError("not_ready", f"the event log is unavailable: {exc}") from None
-    if answer is None:
-        return None
-    if answer.fingerprint != idem.fingerprint:
-        raise ApiError(
-            "idempotency_conflict",
-            "this Idempotency-Key was used with a different body; use a new key",
-        )
-    return Response(answer.status, answer.body, headers=((b"Idempotent-Replayed", b"true"),))
+    return None if answer is None else _first_answer(answer, idem.fingerprint)
 
 
 def answer_of_conflict(exc: IdempotencyConflict, write: Write) -> Response:
     """A concurrent request with the same key committed first: answer as it was answered."""
     assert write.idempotency is not None
-    if exc.existing.fingerprint != write.idempotency.fingerprint:
+    return _first_answer(exc.existing, write.idempotency.fingerprint)
+
+
+def _first_answer(answer: IdempotentAnswer, fingerprint: str) -> Response:
+    """The stored answer for a retry of the same request; 409 for another body."""
+    if answer.fingerprint != fingerprint:
         raise ApiError(
             "idempotency_conflict",
             "this Idempotency-Key was used with a different body; use a new key",
-        ) from None
-    existing = exc.existing
-    return Response(existing.status, existing.body, headers=((b"Idempotent-Replayed", b"true"),))
+        )
+    return Response(answer.status, answer.body, headers=((b"Idempotent-Replayed", b"true"),))
 
 
 # -- health --------------------------------------------------------------------------------
@@ -248,8 +245,6 @@ def check_handshake(request: Request) -> None:
 
 async def echo(app: App, request: Request) -> Upgrade:
     """The conformance-suite echo peer (only when ``ws.echo_path`` is set)."""
-    from etherd.ws import Echo
-
     if not request.upgrade:
         raise ApiError("upgrade_required", "this endpoint speaks WebSocket; send an upgrade")
     check_handshake(request)
