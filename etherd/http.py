@@ -466,7 +466,7 @@ class HttpConnection(asyncio.Protocol):
             self.transport.pause_reading()
         if not self._busy:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._serve())
+            self.app.loop.create_task(self._serve())
 
     # -- answering -------------------------------------------------------------------------
 
@@ -593,7 +593,8 @@ class HttpConnection(asyncio.Protocol):
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = asyncio.get_running_loop().call_later(delay, callback)
+        # app.loop, not get_running_loop(): on 3.11 that is a getpid() system call each time.
+        self._timer = self.app.loop.call_later(delay, callback)
 
     def _disarm(self) -> None:
         if self._timer is not None:

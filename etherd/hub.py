@@ -206,7 +206,12 @@ class Hub:
     def publish_stored(self, events: Iterable[StoredEvent]) -> int:
         """Fan out committed events in order; returns the number of frames queued."""
         total = 0
+        trie = self._trie
         for ev in events:
+            if not trie.has_interest(ev.topic):
+                # Nobody listens here: skip building the envelope and the frame.
+                self.published += 1
+                continue
             total += self.publish(
                 Prepared(
                     ev.topic,
