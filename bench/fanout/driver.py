@@ -1110,20 +1110,12 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 mem_kb = int(line.split()[1])
     versions: dict[str, str | None] = {}
-    for pkg in ("uvloop", "picows", "msgspec", "httptools"):
+    for pkg in ("uvloop", "picows", "msgspec", "httptools", "asyncpg"):
         try:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    commit = None
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-        ).stdout.strip()
+    commit, tree = git_state()
     return {
         "cpu": model,
         "cores": os.cpu_count(),
@@ -1132,7 +1124,34 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         **versions,
         "etherd_commit": commit,
+        "etherd_tree": tree,
     }
+
+
+def git_state() -> tuple[str | None, str | None]:
+    """``git rev-parse --short HEAD`` plus ``+dirty`` when tracked files differ from HEAD,
+    and where: ``clean``, ``dirty outside etherd/`` or ``dirty in etherd/``.
+
+    Untracked files do not count (as with ``git describe --dirty``).
+    """
+    here = Path(__file__).resolve().parent
+
+    def git(*argv: str) -> str:
+        return subprocess.run(
+            ["git", *argv], capture_output=True, text=True, check=True, cwd=here
+        ).stdout
+
+    try:
+        commit = git("rev-parse", "--short", "HEAD").strip()
+        changed = [
+            line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
+        ]
+    except (OSError, subprocess.CalledProcessError):
+        return None, None
+    if not changed:
+        return commit, "clean"
+    inside = any(path.startswith("etherd/") for path in changed)
+    return commit + "+dirty", "dirty in etherd/" if inside else "dirty outside etherd/"
 
 
 def _ms(us: float) -> float | None:
@@ -1326,6 +1345,8 @@ def run_fanout(
     ours_pids = {os.getpid(), pub.pid or 0, *pids.clients}
     if pid:
         ours_pids.add(pid)
+    if profiler is not None:
+        ours_pids.add(profiler.pid)  # --py-spy's sampler is ours, not a neighbour's
     noise, foreign_top = top_foreign(everyone_before, everyone_after, ours_pids, t_after - w0)
     kthreads = sum(
         cpu - everyone_before.get(p, (name, 0.0))[1]

@@ -39,8 +39,10 @@ def machine_header(record: dict[str, Any]) -> list[str]:
         f"- Machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('ram_gb')} GB RAM, "
         f"kernel {m.get('kernel')}",
         f"- Python {m.get('python')}, uvloop {m.get('uvloop')}, picows {m.get('picows')}, "
-        f"msgspec {m.get('msgspec')}, httptools {m.get('httptools')}",
-        f"- etherd commit {m.get('etherd_commit')}",
+        f"msgspec {m.get('msgspec')}, httptools {m.get('httptools')}, "
+        f"asyncpg {m.get('asyncpg')}",
+        f"- etherd commit {m.get('etherd_commit')}"
+        + (f" ({m['etherd_tree']})" if m.get("etherd_tree") else ""),
     ]
 
 
