@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any
 
 import msgspec
 import pytest
-import uvloop
 
 from etherd.config import Config, RetentionRule, StoreConfig
 from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, Replay, StoredEvent, Write
@@ -18,43 +14,11 @@ from etherd.store import (
     Batcher,
     IdempotencyConflict,
     Overloaded,
-    Store,
     StoreUnavailable,
     open_store,
 )
 from etherd.store.base import IDEMPOTENCY_TTL_MS, RETENTION_BATCH
-
-
-def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run one async test body on uvloop, as in production."""
-    uvloop.run(body())
-
-
-@contextlib.asynccontextmanager
-async def opened(url: str, **store: Any) -> AsyncIterator[Store]:
-    s = open_store(Config(store=StoreConfig(url=url, **store)))
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@contextlib.asynccontextmanager
-async def batching(store: Store, **options: Any) -> AsyncIterator[Batcher]:
-    settings: dict[str, Any] = {
-        "max_rows": 5_000,
-        "max_delay_ms": 0.0,
-        "queue_max_rows": 200_000,
-        "retry_max_delay_s": 1.0,
-    }
-    settings.update(options)
-    batcher = Batcher(store, **settings)
-    batcher.start()
-    try:
-        yield batcher
-    finally:
-        await batcher.drain()
+from tests.storekit import batching, opened, run
 
 
 def ev(topic: str, n: int = 0, event: str = "test.event") -> NewEvent:

@@ -4,59 +4,24 @@ reads, run against both stores (SQLite file and a real PostgreSQL)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import random
 import subprocess
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
-import uvloop
 
-from etherd.config import Config, StoreConfig
 from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, TaskWrite, Write
-from etherd.store import Batcher, IdempotencyConflict, Store, TaskConflict, open_store
+from etherd.store import IdempotencyConflict, Store, TaskConflict
 from etherd.tasks import Status, Task
+from tests.storekit import batching, opened, run
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:
-    """Run one async test body on uvloop, as in production."""
-    uvloop.run(body())
-
-
-@contextlib.asynccontextmanager
-async def opened(url: str, **store: Any) -> AsyncIterator[Store]:
-    s = open_store(Config(store=StoreConfig(url=url, **store)))
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
-@contextlib.asynccontextmanager
-async def batching(store: Store, **options: Any) -> AsyncIterator[Batcher]:
-    settings: dict[str, Any] = {
-        "max_rows": 5_000,
-        "max_delay_ms": 0.0,
-        "queue_max_rows": 200_000,
-        "retry_max_delay_s": 1.0,
-    }
-    settings.update(options)
-    batcher = Batcher(store, **settings)
-    batcher.start()
-    try:
-        yield batcher
-    finally:
-        await batcher.drain()
 
 
 def task(
