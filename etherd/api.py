@@ -22,7 +22,7 @@ from etherd.auth import AuthError, Principal, may_publish, may_subscribe
 from etherd.errors import ApiError
 from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, Write
 from etherd.http import HttpConnection, Request, Response, Stream, Upgrade
-from etherd.hub import Prepared
+from etherd.hub import Prepared, sse_chunk
 from etherd.messages import (
     ENCODER,
     RESERVED_FIELDS,
@@ -326,18 +326,14 @@ async def _replay_stream(app: App, conn: HttpConnection, topic: str, since: int)
     if not ack.recovered:
         # The client must reload state: say so with a named event, then go live.
         body = ENCODER.encode({"topic": topic, "offset": ack.offset, "epoch": ack.epoch})
-        app.hub.queue(conn, _sse_chunk(b"event: reset\ndata: " + body + b"\n\n"))
+        app.hub.queue(conn, sse_chunk(b"event: reset\ndata: " + body + b"\n\n"))
         replay_to(app, conn, topic, ack.offset, [])
         return
     replay_to(app, conn, topic, since, stored)
 
 
-def _sse_chunk(chunk: bytes) -> bytes:
-    return b"%x\r\n%s\r\n" % (len(chunk), chunk)
-
-
 def _sse_comment(text: bytes) -> bytes:
-    return _sse_chunk(b": " + text + b"\n\n")
+    return sse_chunk(b": " + text + b"\n\n")
 
 
 # -- publish -------------------------------------------------------------------------------

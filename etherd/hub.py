@@ -55,6 +55,7 @@ __all__ = [
     "Resuming",
     "Segment",
     "Sink",
+    "sse_chunk",
     "ws_text_frame",
 ]
 
@@ -70,6 +71,11 @@ def ws_text_frame(payload: bytes) -> bytes:
     if n < 65536:
         return b"\x81\x7e" + n.to_bytes(2, "big") + payload
     return b"\x81\x7f" + n.to_bytes(8, "big") + payload
+
+
+def sse_chunk(text: bytes) -> bytes:
+    """Text of a ``text/event-stream`` body as one HTTP/1.1 chunk (RFC 9112 section 7.1)."""
+    return b"%x\r\n%s\r\n" % (len(text), text)
 
 
 class Prepared:
@@ -91,8 +97,18 @@ class Prepared:
         if self._sse is None:
             ident = b"" if self.offset is None else b"id: %d\n" % self.offset
             chunk = ident + b"event: " + self.event.encode() + b"\ndata: " + self.json + b"\n\n"
-            self._sse = b"%x\r\n%s\r\n" % (len(chunk), chunk)
+            self._sse = sse_chunk(chunk)
         return self._sse
+
+    @classmethod
+    def stored(cls, ev: StoredEvent) -> Prepared:
+        """The encoded form of a committed event (envelope with its offset and time)."""
+        return cls(
+            ev.topic,
+            ev.event,
+            ev.offset,
+            event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data),
+        )
 
     def variant(self, kind: int) -> bytes:
         """The bytes a sink of this kind writes."""
@@ -212,14 +228,7 @@ class Hub:
                 # Nobody listens here: skip building the envelope and the frame.
                 self.published += 1
                 continue
-            total += self.publish(
-                Prepared(
-                    ev.topic,
-                    ev.event,
-                    ev.offset,
-                    event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data),
-                )
-            )
+            total += self.publish(Prepared.stored(ev))
         return total
 
     def publish(self, prepared: Prepared) -> int:

@@ -32,7 +32,6 @@ from etherd.messages import (
     TopicRefusal,
     Unsubscribe,
     Unsubscribed,
-    event_json,
 )
 from etherd.topics import TopicError, is_pattern, validate_pattern
 from etherd.ws import SessionBase
@@ -279,17 +278,10 @@ async def resume(
     return TopicAck(topic, replay.head, app.epoch, True), replay.events
 
 
-def prepared_of(ev: StoredEvent) -> Prepared:
-    """The hub's encoded form of a stored event."""
-    return Prepared(
-        ev.topic, ev.event, ev.offset, event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)
-    )
-
-
 def replay_to(app: App, sink: Sink, topic: str, after: int, events: list[StoredEvent]) -> None:
     """Queue a topic's replay for a sink, then release the live events held meanwhile."""
     last = after
     for ev in events:
-        app.hub.queue(sink, prepared_of(ev).variant(sink.kind))
+        app.hub.queue(sink, Prepared.stored(ev).variant(sink.kind))
         last = ev.offset
     app.hub.release(sink, topic, last)

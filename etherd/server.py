@@ -38,6 +38,7 @@ from etherd.app import App
 from etherd.config import Config, ConfigError, is_loopback, masked
 from etherd.errors import CLOSE_GOING_AWAY, CLOSE_PING_TIMEOUT, CLOSE_TOKEN_EXPIRED
 from etherd.http import HttpConnection
+from etherd.hub import sse_chunk
 from etherd.logs import setup_logging
 from etherd.systemd import Notifier, listen_fds, watchdog_interval
 
@@ -325,7 +326,7 @@ class Server:
         """Comment lines on idle SSE streams keep proxies from timing them out."""
         app = self.app
         assert app is not None
-        chunk = b"%x\r\n: heartbeat\n\n\r\n" % len(b": heartbeat\n\n")
+        chunk = sse_chunk(b": heartbeat\n\n")
         while True:
             await asyncio.sleep(self.config.realtime.sse_heartbeat_s)
             for conn in list(app.sse_streams):
