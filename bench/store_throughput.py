@@ -22,9 +22,10 @@ import uvloop
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from etherd.config import Config, StoreConfig  # noqa: E402
-from etherd.eventlog import NewEvent, Write  # noqa: E402
-from etherd.store import Batcher, open_store  # noqa: E402
+from etherd.core.config import Config, StoreConfig  # noqa: E402
+from etherd.core.events import NewEvent, Write  # noqa: E402
+from etherd.store import Batcher  # noqa: E402
+from etherd.store.factory import open_store  # noqa: E402
 
 DATA = b'{"task_id":"task_abc","run_id":"run_1","phase":"working","user_message":"step done"}'
 

@@ -14,8 +14,9 @@ from urllib.parse import quote
 import msgspec
 
 from etherd import __version__
-from etherd.config import Config, ConfigError, load, masked
-from etherd.logs import setup_logging
+from etherd.core.config import Config, ConfigError, masked
+from etherd.edge.ops.configfile import load
+from etherd.edge.ops.logs import setup_logging
 
 __all__ = ["main"]
 
@@ -97,7 +98,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 
 def _token(config: Config, args: argparse.Namespace) -> int:
-    from etherd.auth import Authenticator, Role
+    from etherd.core.auth import Authenticator, Role
+    from etherd.edge.ops.keyfiles import read_key_files
 
     try:
         role = Role(args.role)
@@ -109,7 +111,7 @@ def _token(config: Config, args: argparse.Namespace) -> int:
         return 2
     topics = [t.strip() for t in args.topics.split(",")] if args.topics else None
     try:
-        auth = Authenticator(config.auth, dev=False)
+        auth = Authenticator(config.auth, dev=False, key_files=read_key_files(config.auth))
         print(auth.issue(args.sub, role, args.ttl, topics))
     except ConfigError as exc:
         print(f"etherd: {exc}", file=sys.stderr)
@@ -121,7 +123,8 @@ def _token(config: Config, args: argparse.Namespace) -> int:
 
 
 def _migrate(config: Config) -> int:
-    from etherd.store import StoreUnavailable, open_store
+    from etherd.store import StoreUnavailable
+    from etherd.store.factory import open_store
 
     config = msgspec.structs.replace(
         config, store=msgspec.structs.replace(config.store, migrate_on_start=True)

@@ -1,4 +1,10 @@
-"""Composition root: build the app, listen on one port, keep sessions alive, stop cleanly.
+"""Composition root: build every service and edge, listen on one port, stop cleanly.
+
+``Services`` is the one place that constructs collaborators and wires them: the shared
+state, the authenticator, the hub and its broker, the store with its group commit, the
+services over them (event log, realtime, tasks, keepalive, retention), the metrics and the
+route table. ``Server`` owns the listener, the background jobs, signals, reloads and the
+stop sequence.
 
 Stop order on SIGTERM or SIGINT: readiness turns false (``/readyz`` answers 503 and systemd
 hears ``STOPPING=1``), after ``server.shutdown_delay_s`` the listener closes, idle HTTP
@@ -32,15 +38,33 @@ from typing import Any, Final
 
 import msgspec
 
-from etherd import task_api
-from etherd.api import install
-from etherd.app import App
-from etherd.config import Config, ConfigError, is_loopback, masked
-from etherd.errors import CLOSE_GOING_AWAY, CLOSE_PING_TIMEOUT, CLOSE_TOKEN_EXPIRED
-from etherd.http import HttpConnection
-from etherd.hub import sse_chunk
-from etherd.logs import setup_logging
-from etherd.systemd import Notifier, listen_fds, watchdog_interval
+from etherd.core.auth import Authenticator
+from etherd.core.config import Config, ConfigError, is_loopback, masked
+from etherd.core.errors import GOING_AWAY
+from etherd.core.hub import Hub
+from etherd.edge.api.common import Dispatcher, Handler
+from etherd.edge.api.harness import HarnessRoutes
+from etherd.edge.api.ops import OpsRoutes
+from etherd.edge.api.publish import PublishRoutes
+from etherd.edge.api.realtime import RealtimeRoutes
+from etherd.edge.api.tasks import TaskRoutes
+from etherd.edge.api.viewer import ViewerRoutes
+from etherd.edge.http.protocol import HttpConnection
+from etherd.edge.http.router import LabelledRouter
+from etherd.edge.ops.keyfiles import read_key_files
+from etherd.edge.ops.logs import setup_logging
+from etherd.edge.ops.metrics import Metrics
+from etherd.edge.ops.systemd import Notifier, listen_fds, watchdog_interval
+from etherd.services.broker import LocalBroker
+from etherd.services.eventlog import EventLog
+from etherd.services.keepalive import Keepalive
+from etherd.services.realtime import Realtime
+from etherd.services.retention import Retention
+from etherd.services.state import ServerState
+from etherd.services.stats import RuntimeStats
+from etherd.services.taskservice import TaskService
+from etherd.store import Batcher
+from etherd.store.factory import open_store
 
 __all__ = ["RESTART_ONLY", "Server", "adopt_socket", "config_changes", "run", "serve"]
 
@@ -52,18 +76,82 @@ RESTART_ONLY: Final = frozenset(
         "server.host",
         "server.port",
         "server.data_dir",
+        "server.listen_backlog",
         "store.url",
         "store.migrate_on_start",
         "store.pool_size",
         "store.connect_timeout_s",
+        "tasks.cache_size",
         "ws.echo_path",
         "ws.fanout_slice",
     }
 )
 
 
+class Services:
+    """Everything one etherd process runs, built and wired in one place."""
+
+    def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
+        self.state = state = ServerState(config)
+        self.auth = Authenticator(
+            config.auth, dev=config.dev_auth, key_files=read_key_files(config.auth)
+        )
+        self.hub = hub = Hub(loop.call_soon, config.ws.fanout_slice)
+        self.broker = LocalBroker(hub)
+        self.store = open_store(config)
+        self.batcher = Batcher(
+            self.store,
+            max_rows=config.store.batch_max_rows,
+            max_delay_ms=config.store.batch_max_delay_ms,
+            queue_max_rows=config.store.queue_max_rows,
+            retry_max_delay_s=config.store.retry_max_delay_s,
+            on_committed=self.broker.committed,
+        )
+        self.eventlog = eventlog = EventLog(self.store, self.batcher)
+        self.realtime = realtime = Realtime(hub, eventlog, self.auth, state)
+        self.tasks = TaskService(eventlog, state)
+        self.keepalive = Keepalive(state)
+        self.retention = Retention(eventlog, state)
+        self.router: LabelledRouter[Handler] = LabelledRouter()
+        self.metrics = Metrics(
+            RuntimeStats(state, hub, self.batcher, self.tasks),
+            self.router.template,
+            lambda: state.config.log,
+        )
+        self.batcher.on_commit = self.metrics.on_commit
+        realtime_routes = RealtimeRoutes(self.auth, realtime)
+        for routes in (
+            ViewerRoutes(),
+            OpsRoutes(self.auth, eventlog, self.metrics, state),
+            realtime_routes,
+            PublishRoutes(self.auth, eventlog, self.broker, state),
+            TaskRoutes(self.auth, self.tasks, eventlog, realtime_routes, state),
+            HarnessRoutes(self.auth, self.tasks, state),
+        ):
+            for route in routes.routes():
+                self.router.add(route.method, route.template, route.handler)
+        self.dispatch = Dispatcher(self.router)
+        self._loop = loop
+
+    def connection(self) -> HttpConnection:
+        """A protocol for one accepted TCP connection."""
+        return HttpConnection(
+            self.state, self.dispatch, self.router.methods, self.metrics.response, self._loop
+        )
+
+    def apply(self, new: Config) -> None:
+        """Apply a reloaded configuration (keys first: an unreadable key file refuses it)."""
+        self.auth.reload(new.auth, dev=new.dev_auth, key_files=read_key_files(new.auth))
+        batcher = self.batcher
+        batcher.max_rows = new.store.batch_max_rows
+        batcher.max_delay_s = new.store.batch_max_delay_ms / 1000
+        batcher.queue_max_rows = new.store.queue_max_rows
+        batcher.retry_max_delay_s = new.store.retry_max_delay_s
+        self.state.config = new
+
+
 class Server:
-    """One etherd process: the app plus its listener, sweeps, signals and stop sequence."""
+    """One etherd process: its services plus the listener, sweeps, signals and stop sequence."""
 
     def __init__(
         self,
@@ -82,7 +170,7 @@ class Server:
                 (an inherited socket replaces host and port); reloads compare against it.
         """
         self.config = config
-        self.app: App | None = None
+        self.services: Services | None = None
         self._server: asyncio.Server | None = None
         self._stop = asyncio.Event()
         self._signals = 0
@@ -97,32 +185,37 @@ class Server:
 
     async def start(self, sock: socket.socket | None = None) -> None:
         """Open the store and start listening (on ``sock`` when given)."""
-        app = App(self.config)
-        self.app = app
-        install(app)
-        task_api.install(app)
-        await app.start()
         loop = asyncio.get_running_loop()
+        services = Services(self.config, loop)
+        self.services = services
+        await services.eventlog.open()
         cfg = self.config.server
         if sock is not None:
             self._server = await loop.create_server(
-                lambda: HttpConnection(app), sock=sock, backlog=4096
+                services.connection, sock=sock, backlog=cfg.listen_backlog
             )
         else:
             self._server = await loop.create_server(
-                lambda: HttpConnection(app), cfg.host, cfg.port, backlog=4096, reuse_address=True
+                services.connection,
+                cfg.host,
+                cfg.port,
+                backlog=cfg.listen_backlog,
+                reuse_address=True,
             )
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which otherwise rescan it while connections pour in.
         gc.freeze()
-        self._tasks.append(loop.create_task(self._sweep()))
-        self._tasks.append(loop.create_task(self._sse_heartbeats()))
-        self._tasks.append(loop.create_task(self._retention()))
-        self._tasks.append(loop.create_task(task_api.sweep_leases(app)))
-        self._tasks.append(loop.create_task(self._count_tasks()))
-        self._background.append(loop.create_task(app.metrics.measure_loop_lag()))
+        for job in (
+            services.keepalive.run_sessions(),
+            services.keepalive.run_streams(),
+            services.retention.run_forever(),
+            services.tasks.sweep_forever(),
+            services.tasks.count_forever(),
+        ):
+            self._tasks.append(loop.create_task(job))
+        self._background.append(loop.create_task(services.metrics.measure_loop_lag()))
 
     def ready(self) -> None:
         """Tell the service manager etherd serves, and start the watchdog pings."""
@@ -166,43 +259,46 @@ class Server:
 
     async def stop(self) -> None:
         """The graceful stop sequence (see the module docstring)."""
-        app = self.app
-        assert app is not None and self._server is not None
+        services = self.services
+        assert services is not None and self._server is not None
+        state = services.state
+        connections = state.connections
         cfg = self.config.server
         self.stopping = True
-        app.draining = True
-        sessions = len(app.sessions)
+        state.draining = True
+        sessions = len(connections.sessions)
         budget = cfg.shutdown_delay_s + cfg.drain_window_s + cfg.shutdown_grace_s + 5.0
         self.notifier.stopping(f"draining {sessions} WebSocket sessions", extend_s=budget)
         log.info(
             "draining: readiness is off; %d WebSocket sessions, %d HTTP connections",
             sessions,
-            len(app.http_connections),
+            len(connections.http),
         )
         if cfg.shutdown_delay_s:
             await asyncio.sleep(cfg.shutdown_delay_s)
         self._server.close()
-        for conn in list(app.http_connections):
+        for stream in list(connections.streams):
+            stream.end()
+        for conn in list(connections.http):
             conn.close_if_idle()
-        sessions_left = list(app.sessions)
+        sessions_left = list(connections.sessions)
         if sessions_left:
-            batches = max(1, min(len(sessions_left), 20))
+            batches = max(1, min(len(sessions_left), cfg.drain_batches))
             size = -(-len(sessions_left) // batches)
             pause = cfg.drain_window_s / batches
             for i in range(0, len(sessions_left), size):
                 for session in sessions_left[i : i + size]:
-                    session.close(CLOSE_GOING_AWAY, "server stopping; reconnect and resume")
+                    session.close(GOING_AWAY)
                 if pause and i + size < len(sessions_left):
                     await asyncio.sleep(pause)
         deadline = time.monotonic() + cfg.shutdown_grace_s
         while time.monotonic() < deadline:
-            busy = [c for c in app.http_connections if c.busy]
-            if not busy:
+            if not any(c.busy for c in connections.http):
                 break
             await asyncio.sleep(0.02)
-        for conn in list(app.http_connections):
+        for conn in list(connections.http):
             conn.close_if_idle()
-        unfinished = sum(1 for c in app.http_connections if c.busy)
+        unfinished = sum(1 for c in connections.http if c.busy)
         if unfinished:
             log.warning(
                 "%d HTTP requests still running after %g s (server.shutdown_grace_s); closing them",
@@ -211,7 +307,7 @@ class Server:
             )
         for task in self._tasks:
             task.cancel()
-        await app.close()
+        await services.eventlog.close()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)
@@ -244,8 +340,8 @@ class Server:
         return True
 
     def _apply(self, loaded: Config) -> None:
-        app = self.app
-        assert app is not None
+        services = self.services
+        assert services is not None
         running = self.config
         ignored = [c for c in config_changes(self._loaded, loaded) if c[0] in RESTART_ONLY]
         data = msgspec.to_builtins(loaded)
@@ -257,17 +353,10 @@ class Server:
             new = msgspec.convert(data, Config)
         except msgspec.ValidationError as exc:  # pragma: no cover - same values as before
             raise ConfigError(f"invalid configuration: {exc}") from None
-        # Keys first: a key file that cannot be read refuses the whole reload.
-        app.auth.reload(new.auth, dev=new.dev_auth)
+        services.apply(new)
         changes = config_changes(running, new)
         if new.log != running.log:
             setup_logging(new.log)
-        batcher = app.batcher
-        batcher.max_rows = new.store.batch_max_rows
-        batcher.max_delay_s = new.store.batch_max_delay_ms / 1000
-        batcher.queue_max_rows = new.store.queue_max_rows
-        batcher.retry_max_delay_s = new.store.retry_max_delay_s
-        app.config = new
         self.config = new
         self._loaded = loaded
         for key, old, value in ignored:
@@ -299,71 +388,6 @@ class Server:
         while True:
             self.notifier.watchdog()
             await asyncio.sleep(interval)
-
-    async def _sweep(self) -> None:
-        """Ping silent sessions, drop ones that stay silent, close expired tokens."""
-        app = self.app
-        assert app is not None
-        while True:
-            cfg = self.config.ws
-            await asyncio.sleep(min(cfg.ping_interval_s, cfg.ping_timeout_s))
-            cfg = self.config.ws
-            now = time.monotonic()
-            wall = time.time()
-            for session in list(app.sessions):
-                exp = session.principal.exp
-                if exp is not None and wall >= exp:
-                    session.close(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new token")
-                elif session.ping_sent_at is not None:
-                    if now - session.ping_sent_at >= cfg.ping_timeout_s:
-                        session.close(CLOSE_PING_TIMEOUT, "no answer to ping")
-                elif not session.seen and session.transport is not None:
-                    session.ping_sent_at = now
-                    session.transport.send_ping()
-                session.seen = False
-
-    async def _sse_heartbeats(self) -> None:
-        """Comment lines on idle SSE streams keep proxies from timing them out."""
-        app = self.app
-        assert app is not None
-        chunk = sse_chunk(b": heartbeat\n\n")
-        while True:
-            await asyncio.sleep(self.config.realtime.sse_heartbeat_s)
-            for conn in list(app.sse_streams):
-                app.hub.queue(conn, chunk)
-
-    async def _count_tasks(self) -> None:
-        """Refresh the tasks-by-status gauge; counting runs in the store, off the scrape."""
-        app = self.app
-        assert app is not None
-        counts: dict[str, int] = {}
-        app.metrics.task_counts = lambda: counts
-        while True:
-            try:
-                fresh = await app.store.task_counts()
-            except Exception as exc:
-                log.debug("counting tasks failed: %s", exc)
-            else:
-                counts.clear()
-                counts.update(fresh)
-            await asyncio.sleep(app.config.metrics.task_count_interval_s)
-
-    async def _retention(self) -> None:
-        """Trim the log per the retention rules (re-read on every pass), forever."""
-        app = self.app
-        assert app is not None
-        while True:
-            await asyncio.sleep(self.config.store.retention_interval_s)
-            rules = self.config.store.retention
-            if not rules:
-                continue
-            try:
-                deleted = await app.store.enforce_retention(rules, int(time.time() * 1000))
-            except Exception as exc:
-                log.warning("retention sweep failed: %s", exc)
-                continue
-            if deleted:
-                log.info("retention removed %d events", deleted)
 
 
 def config_changes(old: Config, new: Config) -> list[tuple[str, str, str]]:
@@ -483,8 +507,8 @@ async def serve(
         log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc)
         return 1
     server.install_signals()
-    assert server.app is not None
-    for note in server.app.auth.notes:
+    assert server.services is not None
+    for note in server.services.auth.notes:
         log.warning("%s", note)
     text = banner(config, server.port, config.dev_auth, config.store_url)
     if config.log.format == "json":

@@ -8,8 +8,9 @@ from typing import Any
 
 import uvloop
 
-from etherd.config import Config, StoreConfig
-from etherd.store import Batcher, Store, open_store
+from etherd.core.config import Config, StoreConfig
+from etherd.store import Batcher, Store
+from etherd.store.factory import open_store
 
 
 def run(body: Callable[[], Coroutine[Any, Any, None]]) -> None:

@@ -729,7 +729,7 @@ def data_template(payload: int, topic: str) -> tuple[bytes, int]:
     Pads so that the event JSON a subscriber receives is ``payload`` bytes (or the least
     it can be).
     """
-    from etherd.messages import event_json
+    from etherd.core.wire import event_json
 
     head = b'{"t":"%0' + str(T_DIGITS).encode() + b'd","s":"%0' + str(S_DIGITS).encode() + b'd"'
     probe = head % (0, 0) + b',"p":""}'

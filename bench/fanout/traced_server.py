@@ -124,7 +124,7 @@ class _Group:
 
 def install_group_fanout() -> None:
     """See ``apply_experiment``: O(1) publish, one join per slice, shared bytes per write."""
-    from etherd import hub as hub_mod
+    from etherd.core import hub as hub_mod
 
     groups: dict[int, _Group] = {}
     busy: list[_Group] = []  # groups with frames not yet written to every slice
@@ -195,19 +195,6 @@ def install_group_fanout() -> None:
 def apply_experiment(name: str) -> None:
     """Proposed etherd changes, applied at run time so their effect can be measured first.
 
-    ``release-http``: on upgrade, uvloop keeps the HTTP protocol's bound ``data_received``
-    after ``set_protocol`` to picows' buffered protocol (it only replaces the attributes
-    the new protocol has), which keeps each WebSocket's HttpConnection, its httptools
-    parser and its deque alive; setting a plain protocol first drops them.
-
-    ``logger-adapter``: picows makes a child ``logging.Logger`` per connection when it is
-    given a Logger, but not when given a LoggerAdapter.
-
-    ``lazy-queue``: ``Session._commands`` is an empty ``deque`` per session (a deque
-    allocates a 64-slot block at once, about 600 bytes); an empty list costs 56.
-
-    ``memory``: all three.
-
     ``group-fanout``: ``Hub.publish`` appends the frame once to the batch of its match result
     (the trie's cached tuple) instead of to every subscriber's pending list, and ``flush``
     joins each batch once per slice of subscribers and writes that one bytes object to every
@@ -215,40 +202,14 @@ def apply_experiment(name: str) -> None:
     subscriber still gets everything published since its last write in one write. Only for
     measuring: it ignores resuming sinks and orders a sink's private replies before the
     group's frames of the same tick.
+
+    (The earlier experiments ``release-http``, ``logger-adapter`` and ``lazy-queue`` were
+    adopted by etherd itself.)
     """
-    import logging
-
-    from etherd import ws as ws_mod
-
-    if name in ("release-http", "memory"):
-        orig_handoff = ws_mod.handoff
-
-        def handoff(transport: asyncio.Transport, *args: Any, **kwargs: Any) -> None:
-            transport.set_protocol(asyncio.Protocol())
-            orig_handoff(transport, *args, **kwargs)
-
-        ws_mod.handoff = handoff
-        from etherd import api as api_mod
-
-        setattr(api_mod, "handoff", handoff)  # noqa: B010 - api imported the name
     if name == "group-fanout":
         install_group_fanout()
-    if name in ("lazy-queue", "memory"):
-        from etherd import realtime as rt_mod
-
-        class Queue(list[Any]):
-            def popleft(self) -> Any:
-                return self.pop(0)
-
-        orig_init = rt_mod.Session.__init__
-
-        def init(self: Any, *args: Any, **kwargs: Any) -> None:
-            orig_init(self, *args, **kwargs)
-            self._commands = Queue()
-
-        rt_mod.Session.__init__ = init  # type: ignore[method-assign]
-    if name in ("logger-adapter", "memory"):
-        ws_mod._picows_log = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
+    else:
+        raise SystemExit(f"unknown experiment {name!r}; known: group-fanout")
 
 
 def main() -> int:
@@ -265,7 +226,7 @@ def main() -> int:
     snapshots: dict[str, Any] = {}
     memory: dict[str, Any] = {}
 
-    from etherd import hub as hub_mod
+    from etherd.core import hub as hub_mod
 
     flush_ns: list[int] = []
     flush_sinks: list[int] = []

@@ -1,4 +1,4 @@
-"""Micro-benchmarks for ``etherd.auth.Authenticator``: JWT verification, cached and not.
+"""Micro-benchmarks for ``etherd.core.auth.Authenticator``: JWT verification, cached and not.
 
 Every HTTP request and every WebSocket upgrade verifies a token. The authenticator keeps
 the tokens it verified (``TOKEN_CACHE_SIZE``), so a client that sends the same token again
@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from etherd.auth import DEV_TOKEN, Authenticator, Role
-from etherd.config import AuthConfig
+from etherd.core.auth import DEV_TOKEN, Authenticator, Role
+from etherd.core.config import AuthConfig
 
 NOW = 1_800_000_000.0
 SECRET = "bench-secret-0123456789abcdef0123456789abcdef"

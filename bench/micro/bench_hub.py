@@ -1,4 +1,4 @@
-"""Micro-benchmarks for ``etherd.hub``: frame building and the publish-then-flush fan-out.
+"""Micro-benchmarks for ``etherd.core.hub``: frame building and the publish-then-flush fan-out.
 
 No sockets: subscribers are fake sinks that count what they are given, and the event loop
 is a list of callbacks run by hand (the pattern of ``tests/unit/test_hub.py``). A fan-out
@@ -16,9 +16,10 @@ from collections.abc import Callable
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from etherd.eventlog import StoredEvent
-from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment, ws_text_frame
-from etherd.messages import event_json
+from etherd.core.events import StoredEvent
+from etherd.core.frames import ws_text_frame
+from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment
+from etherd.core.wire import event_json
 
 # The server's default (config ``realtime.fanout_slice``).
 FANOUT_SLICE = 2_000

@@ -1,4 +1,4 @@
-"""Micro-benchmarks for ``etherd.messages``: decoding client commands, encoding events.
+"""Micro-benchmarks for ``etherd.core.wire``: decoding client commands, encoding events.
 
 Every WebSocket message a client sends goes through ``COMMAND_DECODER``; every event
 published goes through ``event_json`` once (then is shared by all its subscribers).
@@ -14,7 +14,7 @@ import msgspec
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from etherd.messages import COMMAND_DECODER, Ping, Subscribe, event_json
+from etherd.core.wire import COMMAND_DECODER, Ping, Subscribe, event_json
 
 SUBSCRIBE = (
     b'{"action":"subscribe","topics":["tasks/task_0b5c6f1e3f554a8e9f0e","activity/alice"],"id":"1"}'

@@ -1,4 +1,4 @@
-"""Micro-benchmarks for the task lifecycle: ``etherd.tasks.apply`` and delivery composition.
+"""Micro-benchmarks for the task lifecycle: ``etherd.core.tasks.apply`` and delivery composition.
 
 ``apply`` runs once per task API call (create, claim, every step, the result), between
 reading the task row and writing it back; ``compose`` runs inside the final result.
@@ -13,9 +13,9 @@ from typing import Any
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from etherd.delivery import ActionsBlock, OutcomeBlock, compose
-from etherd.errors import ApiError
-from etherd.tasks import Claim, Create, Result, Status, Step, Task, apply
+from etherd.core.delivery import ActionsBlock, OutcomeBlock, compose
+from etherd.core.errors import Refusal
+from etherd.core.tasks import Claim, Create, Result, Status, Step, Task, apply
 
 T0 = 1_800_000_000_000
 LEASE = 60_000
@@ -88,7 +88,7 @@ def test_apply_refused(benchmark: BenchmarkFixture) -> None:
     def refuse() -> str:
         try:
             apply(task, stale)
-        except ApiError as exc:
+        except Refusal as exc:
             return exc.code
         raise AssertionError("a stale run was accepted")
 
@@ -134,5 +134,5 @@ RESULTS: dict[str, dict[str, Any]] = {
 @pytest.mark.parametrize("fields", list(RESULTS.values()), ids=list(RESULTS))
 def test_compose(benchmark: BenchmarkFixture, fields: dict[str, Any]) -> None:
     result = Result(run_id=RUN, now_ms=T0 + 30, **fields)
-    blocks = benchmark(compose, TASK, result)
+    blocks = benchmark(compose, TASK.title, result)
     assert isinstance(blocks[0], OutcomeBlock) and isinstance(blocks[-1], ActionsBlock)

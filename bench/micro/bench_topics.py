@@ -1,4 +1,4 @@
-"""Micro-benchmarks for ``etherd.topics``: the fan-out lookup on the publish path.
+"""Micro-benchmarks for ``etherd.core.topics``: the fan-out lookup on the publish path.
 
 Not collected by the normal test run (which only looks in ``tests/``). Run with:
 
@@ -16,7 +16,7 @@ from itertools import cycle
 import pytest
 from pytest_benchmark.fixture import BenchmarkFixture
 
-from etherd.topics import TopicTrie, matches, validate_pattern, validate_topic
+from etherd.core.topics import TopicTrie, matches, validate_pattern, validate_topic
 
 CACHE = pytest.mark.parametrize("cache_size", [4096, 0], ids=["cache", "nocache"])
 

@@ -1,12 +1,12 @@
 """Durable event log storage: SQLite (embedded, the default) or PostgreSQL.
 
-``open_store(config)`` picks the store from ``config.store_url``; call ``await
-store.open()`` before use. Writes normally go through a ``Batcher`` (group commit).
+``etherd.store.factory.open_store(config)`` picks the store from ``config.store_url``;
+call ``await store.open()`` before use. Writes normally go through a ``Batcher`` (group
+commit).
 """
 
 from __future__ import annotations
 
-from etherd.config import Config
 from etherd.store.base import IdempotencyConflict, Store, StoreUnavailable, TaskConflict
 from etherd.store.batcher import Batcher, Overloaded
 
@@ -17,26 +17,4 @@ __all__ = [
     "Store",
     "StoreUnavailable",
     "TaskConflict",
-    "open_store",
 ]
-
-
-def open_store(config: Config) -> Store:
-    """The store for ``config.store_url``, not yet opened.
-
-    ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db`` gives the SQLite
-    store; ``postgresql://`` or ``postgres://`` the PostgreSQL store.
-
-    Raises:
-        ValueError: any other URL.
-    """
-    url = config.store_url
-    if url.startswith("sqlite:///"):
-        from etherd.store.sqlite import SqliteStore, path_of
-
-        return SqliteStore(path_of(url), config.store)
-    if url.startswith(("postgresql://", "postgres://")):
-        from etherd.store.postgres import PostgresStore
-
-        return PostgresStore(url, config.store)
-    raise ValueError(f"store.url must start with sqlite:/// or postgresql://, got {url!r}")

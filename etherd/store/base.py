@@ -22,8 +22,8 @@ import secrets
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from etherd.config import RetentionRule, StoreConfig
-from etherd.eventlog import IdempotentAnswer, Replay, StoredEvent, TaskWrite, Write
+from etherd.core.config import RetentionRule, StoreConfig
+from etherd.core.events import IdempotentAnswer, Replay, StoredEvent, TaskWrite, Write
 
 __all__ = [
     "IDEMPOTENCY_TTL_MS",
@@ -180,9 +180,9 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def claimable_tasks(self, limit: int) -> list[bytes]:
+    async def claimable_tasks(self, limit: int, owner: str | None = None) -> list[bytes]:
         """Up to ``limit`` tasks with status ``queued``, oldest change first (``updated_ms``,
-        then ``id``, both ascending)."""
+        then ``id``, both ascending); only ``owner``'s when given."""
 
     @abc.abstractmethod
     async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from typing import NamedTuple
 
-from etherd.eventlog import StoredEvent, Write
+from etherd.core.events import StoredEvent, Write
 from etherd.store.base import Store, StoreUnavailable
 
 __all__ = ["Batcher", "Overloaded"]

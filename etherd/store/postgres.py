@@ -42,8 +42,8 @@ from urllib.parse import parse_qs, urlsplit
 import asyncpg
 import asyncpg.exceptions as pgerr
 
-from etherd.config import StoreConfig
-from etherd.eventlog import IdempotentAnswer, Replay, StoredEvent, Write
+from etherd.core.config import StoreConfig
+from etherd.core.events import IdempotentAnswer, Replay, StoredEvent, Write
 from etherd.store import migrate
 from etherd.store.base import (
     Assigner,
@@ -122,6 +122,10 @@ ORDER BY updated_ms DESC, id DESC LIMIT $4
 
 _CLAIMABLE = """
 SELECT data FROM tasks WHERE status = 'queued' ORDER BY updated_ms, id LIMIT $1
+"""
+
+_CLAIMABLE_OF = """
+SELECT data FROM tasks WHERE status = 'queued' AND owner = $1 ORDER BY updated_ms, id LIMIT $2
 """
 
 _EXPIRED = """
@@ -453,7 +457,9 @@ class PostgresStore(Store):
             return await self._datas(_LIST_TASKS, owner, limit)
         return await self._datas(_LIST_TASKS_BEFORE, owner, before[0], before[1], limit)
 
-    async def claimable_tasks(self, limit: int) -> list[bytes]:
+    async def claimable_tasks(self, limit: int, owner: str | None = None) -> list[bytes]:
+        if owner is not None:
+            return await self._datas(_CLAIMABLE_OF, owner, limit)
         return await self._datas(_CLAIMABLE, limit)
 
     async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:

@@ -25,8 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
-from etherd.config import StoreConfig
-from etherd.eventlog import IdempotentAnswer, Replay, StoredEvent, Write
+from etherd.core.config import StoreConfig
+from etherd.core.events import IdempotentAnswer, Replay, StoredEvent, Write
 from etherd.store import migrate
 from etherd.store.base import (
     Assigner,
@@ -66,6 +66,9 @@ _LIST_TASKS_BEFORE = (
     " ORDER BY updated_ms DESC, id DESC LIMIT ?4"
 )
 _CLAIMABLE = "SELECT data FROM tasks WHERE status = 'queued' ORDER BY updated_ms, id LIMIT ?"
+_CLAIMABLE_OF = (
+    "SELECT data FROM tasks WHERE status = 'queued' AND owner = ? ORDER BY updated_ms, id LIMIT ?"
+)
 _EXPIRED = (
     "SELECT data FROM tasks WHERE status IN ('running', 'interrupted')"
     " AND lease_expires_ms IS NOT NULL AND lease_expires_ms <= ?"
@@ -337,7 +340,9 @@ class SqliteStore(Store):
             return await self._read(self._datas, _LIST_TASKS, (owner, limit))
         return await self._read(self._datas, _LIST_TASKS_BEFORE, (owner, *before, limit))
 
-    async def claimable_tasks(self, limit: int) -> list[bytes]:
+    async def claimable_tasks(self, limit: int, owner: str | None = None) -> list[bytes]:
+        if owner is not None:
+            return await self._read(self._datas, _CLAIMABLE_OF, (owner, limit))
         return await self._read(self._datas, _CLAIMABLE, (limit,))
 
     async def expired_leases(self, now_ms: int, limit: int) -> list[bytes]:

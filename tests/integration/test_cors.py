@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from etherd.config import ConfigError, load
+from etherd.core.config import ConfigError
+from etherd.edge.ops.configfile import load
 from tests.conftest import Etherd
 
 ALLOWED = "http://app.example:3000"

@@ -137,7 +137,7 @@ def test_service_unit_declares_notify_hardening_and_limits() -> None:
     assert start[0] == pre[0] and start[1] == "serve"
     assert "$MAINPID" in svc["ExecReload"] and "-HUP" in svc["ExecReload"]
     # The stop timeout covers the default drain (delay + window + grace) with room to spare.
-    from etherd.config import ServerConfig
+    from etherd.core.config import ServerConfig
 
     defaults = ServerConfig()
     drain = defaults.shutdown_delay_s + defaults.drain_window_s + defaults.shutdown_grace_s

@@ -8,16 +8,16 @@ import time
 import msgspec
 import pytest
 
-from etherd.config import Config, RetentionRule, StoreConfig
-from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, Replay, StoredEvent, Write
+from etherd.core.config import Config, RetentionRule, StoreConfig
+from etherd.core.events import Idempotency, IdempotentAnswer, NewEvent, Replay, StoredEvent, Write
 from etherd.store import (
     Batcher,
     IdempotencyConflict,
     Overloaded,
     StoreUnavailable,
-    open_store,
 )
 from etherd.store.base import IDEMPOTENCY_TTL_MS, RETENTION_BATCH
+from etherd.store.factory import open_store
 from tests.storekit import batching, opened, run
 
 

@@ -17,9 +17,10 @@ import msgspec
 import pytest
 import uvloop
 
-from etherd.config import Config, StoreConfig
-from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, Write
-from etherd.store import Batcher, IdempotencyConflict, StoreUnavailable, migrate, open_store
+from etherd.core.config import Config, StoreConfig
+from etherd.core.events import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, Write
+from etherd.store import Batcher, IdempotencyConflict, StoreUnavailable, migrate
+from etherd.store.factory import open_store
 from tests.pgcluster import PgCluster, Server
 
 pytestmark = pytest.mark.pg
@@ -34,9 +35,10 @@ WORKER = textwrap.dedent(
     """
     import asyncio, json, os, sys
     import uvloop
-    from etherd.config import Config, StoreConfig
-    from etherd.eventlog import NewEvent, Write
-    from etherd.store import Batcher, open_store
+    from etherd.core.config import Config, StoreConfig
+    from etherd.core.events import NewEvent, Write
+    from etherd.store import Batcher
+    from etherd.store.factory import open_store
 
     url, count, topics = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 

@@ -16,9 +16,16 @@ from typing import Any
 import msgspec
 import pytest
 
-from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, TaskWrite, Write
+from etherd.core.events import (
+    Idempotency,
+    IdempotentAnswer,
+    NewEvent,
+    StoredEvent,
+    TaskWrite,
+    Write,
+)
+from etherd.core.tasks import Status, Task
 from etherd.store import IdempotencyConflict, Store, TaskConflict
-from etherd.tasks import Status, Task
 from tests.storekit import batching, opened, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -451,9 +458,10 @@ CLAIMER = textwrap.dedent(
     """
     import asyncio, json, sys
     import msgspec, uvloop
-    from etherd.config import Config, StoreConfig
-    from etherd.eventlog import NewEvent, TaskWrite, Write
-    from etherd.store import Batcher, TaskConflict, open_store
+    from etherd.core.config import Config, StoreConfig
+    from etherd.core.events import NewEvent, TaskWrite, Write
+    from etherd.store import Batcher, TaskConflict
+    from etherd.store.factory import open_store
 
     url, holder, ids = sys.argv[1], sys.argv[2], sys.argv[3:]
 

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import NameOID
 
-from etherd.auth import (
+from etherd.core.auth import (
     DEV_SUBJECT,
     DEV_TOKEN,
     Authenticator,
@@ -32,9 +32,11 @@ from etherd.auth import (
     may_subscribe,
     task_id_of,
 )
-from etherd.config import AuthConfig, ConfigError
-from etherd.errors import ApiError
-from etherd.topics import TopicError
+from etherd.core.config import AuthConfig, ConfigError
+from etherd.core.errors import Refusal
+from etherd.core.topics import TopicError
+from etherd.edge.http.response import STATUS
+from etherd.edge.ops.keyfiles import read_key_files
 
 NOW = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 SECRET = "unit-test-secret-0123456789abcdef0123456789"
@@ -135,7 +137,8 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> KeyFiles:
 
 
 def auth(*, dev: bool = False, **kwargs: Any) -> Authenticator:
-    return Authenticator(AuthConfig(**kwargs), dev=dev, now=clock)
+    config = AuthConfig(**kwargs)
+    return Authenticator(config, dev=dev, key_files=read_key_files(config), now=clock)
 
 
 def claims(**extra: Any) -> dict[str, Any]:
@@ -175,12 +178,12 @@ def test_hs256_valid_token() -> None:
     assert p == Principal(
         sub="u1", role=Role.HARNESS, topics=("tasks/>", "harness"), exp=NOW + 600, dev=False
     )
-    assert p.is_harness and not p.is_admin
+    assert p.role is Role.HARNESS and not p.is_admin
 
 
 def test_role_defaults_to_user_and_topics_to_none() -> None:
     p = auth(secret=SECRET).verify(hs(claims()))
-    assert p.role is Role.USER and p.is_user
+    assert p.role is Role.USER
     assert p.topics is None
 
 
@@ -592,7 +595,8 @@ def test_reload_swaps_keys(keys: KeyFiles) -> None:
     assert "signature does not verify" in refused(a, old)
     assert a.verify(hs(claims(), secret=new_secret)).sub == "u1"
     with pytest.raises(ConfigError):
-        a.reload(AuthConfig(public_keys=[str(keys.garbage)]), dev=False)
+        garbage = AuthConfig(public_keys=[str(keys.garbage)])
+        a.reload(garbage, dev=False, key_files=read_key_files(garbage))
     # a failed reload keeps what was there
     assert a.verify(hs(claims(), secret=new_secret)).sub == "u1"
     assert a.dev
@@ -708,7 +712,7 @@ def test_reload_clears_the_cache(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("etherd.auth.TOKEN_CACHE_SIZE", 2)
+    monkeypatch.setattr("etherd.core.auth.TOKEN_CACHE_SIZE", 2)
     a = auth(secret=SECRET)
     checked = counted(a, monkeypatch)
     one, two, three = (hs(claims(sub=sub)) for sub in ("u1", "u2", "u3"))
@@ -739,15 +743,15 @@ def test_harness_app_gate() -> None:
     check_harness_app("my-app", [])
     check_harness_app("my-app", ["other", "my-app"])
     for missing in (None, "", "  "):
-        with pytest.raises(ApiError) as info:
+        with pytest.raises(Refusal) as info:
             check_harness_app(missing, ["my-app"])
-        assert (info.value.code, info.value.status) == ("bad_request", 400)
+        assert (info.value.code, STATUS[info.value.code]) == ("bad_request", 400)
         assert info.value.message == (
             "missing X-Ether-Harness-App header; harness routes need your app id"
         )
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(Refusal) as info:
         check_harness_app("x", ["my-app"])
-    assert (info.value.code, info.value.status) == ("forbidden", 403)
+    assert (info.value.code, STATUS[info.value.code]) == ("forbidden", 403)
     assert info.value.message == "harness app 'x' is not allowed on this server"
 
 

@@ -8,7 +8,8 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from etherd.config import Config, ConfigError, load, masked
+from etherd.core.config import Config, ConfigError, masked
+from etherd.edge.ops.configfile import load
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "conf" / "etherd.toml"

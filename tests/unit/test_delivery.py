@@ -7,7 +7,7 @@ from typing import Any, Literal
 import msgspec
 import pytest
 
-from etherd.delivery import (
+from etherd.core.delivery import (
     ActionsBlock,
     Block,
     Delivery,
@@ -18,7 +18,7 @@ from etherd.delivery import (
     outcome_status,
     pull_request,
 )
-from etherd.tasks import Result, Status, Task
+from etherd.core.tasks import Result, Status, Task
 
 PR = {"number": 42, "branch": "ether/fix", "url": "https://github.com/org/repo/pull/42"}
 TASK = Task(
@@ -45,7 +45,7 @@ def as_json(blocks: list[Block]) -> list[dict[str, Any]]:
 
 def test_submitted_with_a_pull_request() -> None:
     blocks = compose(
-        TASK,
+        TASK.title,
         result(agent_status="Opened PR #42", artifact={"pr": PR}, working_summary=" Notes. "),
     )
     assert as_json(blocks) == [
@@ -75,7 +75,7 @@ def test_submitted_with_a_pull_request() -> None:
 
 
 def test_submitted_without_an_artifact() -> None:
-    blocks = compose(TASK, result(agent_status="Updated the docs"))
+    blocks = compose(TASK.title, result(agent_status="Updated the docs"))
     assert [type(b) for b in blocks] == [OutcomeBlock, HeroBlock, ActionsBlock]
     hero = as_json(blocks)[1]
     assert hero == {"type": "hero", "kind": "text", "text": "Updated the docs"}
@@ -85,17 +85,17 @@ def test_submitted_without_an_artifact() -> None:
 
 
 def test_agent_status_inside_the_artifact_is_used_when_the_result_has_none() -> None:
-    blocks = compose(TASK, result(artifact={"agent_status": "Opened nothing"}))
+    blocks = compose(TASK.title, result(artifact={"agent_status": "Opened nothing"}))
     assert as_json(blocks)[1] == {"type": "hero", "kind": "text", "text": "Opened nothing"}
 
 
 def test_no_status_at_all_falls_back_to_the_outcome_summary() -> None:
-    blocks = compose(TASK, result(artifact={}))
+    blocks = compose(TASK.title, result(artifact={}))
     assert as_json(blocks)[1]["text"] == "The task is complete."
 
 
 def test_no_changes() -> None:
-    blocks = as_json(compose(TASK, result("no_changes", agent_status="Already fixed")))
+    blocks = as_json(compose(TASK.title, result("no_changes", agent_status="Already fixed")))
     assert blocks[0] == {
         "type": "outcome",
         "status": "no_changes",
@@ -107,7 +107,9 @@ def test_no_changes() -> None:
 
 
 def test_failed() -> None:
-    blocks = as_json(compose(TASK, result("failed", agent_status="Tests fail", error="3 failures")))
+    blocks = as_json(
+        compose(TASK.title, result("failed", agent_status="Tests fail", error="3 failures"))
+    )
     assert blocks == [
         {
             "type": "outcome",
@@ -127,12 +129,12 @@ def test_failed() -> None:
 
 
 def test_failed_without_an_error() -> None:
-    blocks = as_json(compose(TASK, result("failed")))
+    blocks = as_json(compose(TASK.title, result("failed")))
     assert blocks[0]["summary"] == "The task failed."
 
 
 def test_failed_with_a_draft_pull_request_still_links_it() -> None:
-    blocks = compose(TASK, result("failed", artifact={"pr": PR}))
+    blocks = compose(TASK.title, result("failed", artifact={"pr": PR}))
     actions = blocks[-1]
     assert isinstance(actions, ActionsBlock)
     assert [item.id for item in actions.items] == ["open_pr", "run_again", "reply"]
@@ -140,7 +142,7 @@ def test_failed_with_a_draft_pull_request_still_links_it() -> None:
 
 @pytest.mark.parametrize("summary", [None, "", "  \n"])
 def test_summary_block_only_when_given(summary: str | None) -> None:
-    blocks = compose(TASK, result(working_summary=summary))
+    blocks = compose(TASK.title, result(working_summary=summary))
     assert not any(isinstance(b, SummaryBlock) for b in blocks)
 
 
@@ -158,7 +160,7 @@ def test_summary_block_only_when_given(summary: str | None) -> None:
 )
 def test_malformed_pull_requests_give_a_text_hero(artifact: dict[str, Any] | None) -> None:
     assert pull_request(artifact) is None
-    hero = compose(TASK, result(agent_status="s", artifact=artifact))[1]
+    hero = compose(TASK.title, result(agent_status="s", artifact=artifact))[1]
     assert isinstance(hero, HeroBlock)
     assert hero.kind == "text"
 
@@ -169,7 +171,9 @@ def test_malformed_pull_requests_give_a_text_hero(artifact: dict[str, Any] | Non
 def test_order_is_fixed(status: ResultStatus, artifact: Any, summary: str | None) -> None:
     types = [
         b["type"]
-        for b in as_json(compose(TASK, result(status, artifact=artifact, working_summary=summary)))
+        for b in as_json(
+            compose(TASK.title, result(status, artifact=artifact, working_summary=summary))
+        )
     ]
     expected = ["outcome", "hero", *(["summary"] if summary else []), "actions"]
     assert types == expected
@@ -177,13 +181,13 @@ def test_order_is_fixed(status: ResultStatus, artifact: Any, summary: str | None
 
 def test_blocked_has_no_delivery() -> None:
     with pytest.raises(ValueError, match="blocked"):
-        compose(TASK, result("blocked"))
+        compose(TASK.title, result("blocked"))
     with pytest.raises(ValueError, match="blocked"):
         outcome_status("blocked")
 
 
 def test_delivery_round_trips_through_json() -> None:
-    blocks = compose(TASK, result(artifact={"pr": PR}, working_summary="notes"))
+    blocks = compose(TASK.title, result(artifact={"pr": PR}, working_summary="notes"))
     delivery = Delivery(blocks=blocks, status="completed", at="2026-11-29T07:16:08.123Z")
     encoded = msgspec.json.encode(delivery)
     assert msgspec.json.decode(encoded, type=Delivery) == delivery

@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import msgspec
 
-from etherd.eventlog import StoredEvent
-from etherd.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment, ws_text_frame
+from etherd.core.events import StoredEvent
+from etherd.core.frames import ws_text_frame
+from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment
 
 
 class FakeSink:

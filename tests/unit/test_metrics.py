@@ -10,10 +10,11 @@ import msgspec
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from etherd.app import App
-from etherd.config import Config
-from etherd.http import Request
-from etherd.metrics import Histogram, LabelledRouter
+from etherd.core.config import Config
+from etherd.edge.http.request import Request
+from etherd.edge.http.router import LabelledRouter
+from etherd.edge.ops.metrics import Histogram
+from etherd.server import Services
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive() -> None:
@@ -56,15 +57,14 @@ def test_exposition_parses_and_counts_by_template(
     )
 
     async def go() -> bytes:
-        app = App(config)
-        app.router.add("GET", "/api/tasks/{id}", lambda req, p: None)  # type: ignore[arg-type,return-value]
+        metrics = Services(config, asyncio.get_running_loop()).metrics
         with caplog.at_level(logging.INFO, logger="etherd.access"):
-            app.count_response(_request("GET", "/api/tasks/a"), 200)
-            app.count_response(_request("GET", "/api/tasks/b"), 404)
-            app.count_response(_request("GET", "/elsewhere"), 404)
-            app.count_response(None, 400)
-        app.metrics.on_commit(0.002, 7)
-        return app.metrics.render()
+            metrics.response(_request("GET", "/api/tasks/a"), 200)
+            metrics.response(_request("GET", "/api/tasks/b"), 404)
+            metrics.response(_request("GET", "/elsewhere"), 404)
+            metrics.response(None, 400)
+        metrics.on_commit(0.002, 7)
+        return metrics.render()
 
     text = asyncio.run(go()).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}

@@ -11,9 +11,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from etherd.config import Config, ConfigError, load
+from etherd.core.config import Config, ConfigError
+from etherd.edge.ops.configfile import load
+from etherd.edge.ops.systemd import Notifier, listen_fds, watchdog_interval
 from etherd.server import RESTART_ONLY, adopt_socket, config_changes
-from etherd.systemd import Notifier, listen_fds, watchdog_interval
 
 
 @pytest.fixture

@@ -13,13 +13,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from etherd import task_api
-from etherd.app import App
-from etherd.clock import rfc3339_ms
-from etherd.errors import ApiError
-from etherd.eventlog import NewEvent, StoredEvent, Write
-from etherd.store import TaskConflict
-from etherd.tasks import (
+from etherd.core.config import Config
+from etherd.core.errors import Refusal
+from etherd.core.events import NewEvent, StoredEvent, Write
+from etherd.core.rfc3339 import rfc3339_ms
+from etherd.core.tasks import (
     TERMINAL,
     TRANSITIONS,
     Action,
@@ -36,10 +34,30 @@ from etherd.tasks import (
     Step,
     Task,
     apply,
-    bundle,
-    claim_view,
-    heartbeat_view,
 )
+from etherd.edge.api import taskviews
+from etherd.edge.http.response import STATUS
+from etherd.services.eventlog import EventLog
+from etherd.services.state import ServerState
+from etherd.services.taskservice import TaskCache, TaskService
+from etherd.store import TaskConflict
+
+
+# The harness API's views, as the JSON the routes send.
+def bundle(task: Task, base_url: str) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(taskviews.bundle(task, base_url))
+    return out
+
+
+def claim_view(task: Task, base_url: str) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(taskviews.claim_view(task, base_url))
+    return out
+
+
+def heartbeat_view(task: Task) -> dict[str, Any]:
+    out: dict[str, Any] = msgspec.to_builtins(taskviews.heartbeat_view(task))
+    return out
+
 
 T0 = 1_800_000_000_000
 LEASE = 60_000
@@ -201,10 +219,10 @@ BEFORE_THE_TABLE = {
 }
 
 
-def refused(task: Task | None, action: Action, code: str) -> ApiError:
+def refused(task: Task | None, action: Action, code: str) -> Refusal:
     """Assert ``action`` is refused with ``code`` and leaves ``task`` as it was."""
     before = snapshot(task)
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(Refusal) as info:
         apply(task, action)
     assert info.value.code == code, info.value.message
     assert snapshot(task) == before
@@ -227,7 +245,7 @@ def test_matrix(state: str, name: str, expected: str) -> None:
         }
     else:
         error = refused(task, action, expected)
-        assert error.status == 409
+        assert STATUS[error.code] == 409
         if expected == INV:
             assert TASK in error.message
             assert f"it is {task.status}" in error.message
@@ -1003,7 +1021,7 @@ def test_random_sequences_stay_inside_the_table(data_: st.DataObject) -> None:
         rule = TRANSITIONS[task.status].get(type(action))
         try:
             outcome = apply(task, action)
-        except ApiError as error:
+        except Refusal as error:
             event(f"refused {task.status} {type(action).__name__}: {error.code}")
             assert error.code in EXPECTED_CODES, error.message
             assert snapshot(task) == before
@@ -1036,7 +1054,7 @@ def test_random_sequences_stay_inside_the_table(data_: st.DataObject) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# task_api.mutate and its task row cache, on a store shared by two "processes"
+# TaskService.mutate and its task row cache, on a store shared by two "processes"
 
 
 class SharedStore:
@@ -1051,12 +1069,15 @@ class SharedStore:
         return self.rows.get(task_id)
 
 
-class FakeApp:
-    """What ``mutate`` uses of an App: the store's task read and a version-checked commit."""
+class FakeEventLog:
+    """What ``mutate`` uses of the event log: the task read and a version-checked commit."""
 
     def __init__(self, store: SharedStore) -> None:
         self.store = store
         self.fail: Exception | None = None
+
+    async def get_task(self, task_id: str) -> bytes | None:
+        return await self.store.get_task(task_id)
 
     async def commit(self, write: Write) -> list[StoredEvent]:
         if self.fail is not None:
@@ -1075,22 +1096,37 @@ def stored(store: SharedStore) -> Task:
     return msgspec.json.decode(store.rows[TASK], type=Task)
 
 
-def change(app: FakeApp, action: Action) -> Task:
-    """``action`` through ``mutate`` on ``app``; the task as the store now holds it."""
+class Process:
+    """One etherd process's task service over the shared store."""
+
+    def __init__(self, store: SharedStore) -> None:
+        self.log = FakeEventLog(store)
+        self.service = TaskService(cast(EventLog, self.log), ServerState(Config()))
+
+    @property
+    def fail(self) -> Exception | None:
+        return self.log.fail
+
+    @fail.setter
+    def fail(self, exc: Exception | None) -> None:
+        self.log.fail = exc
+
+
+def change(proc: Process, action: Action) -> Task:
+    """``action`` through ``mutate`` on ``proc``; the task as the store now holds it."""
 
     def view(task: Task) -> tuple[int, bytes]:
         return 200, msgspec.json.encode(task)
 
-    response = asyncio.run(
-        task_api.mutate(cast(App, app), TASK, lambda: action, lambda task: None, view)
-    )
-    assert response.status == 200
-    return msgspec.json.decode(response.body, type=Task)
+    answer = asyncio.run(proc.service.mutate(TASK, lambda: action, lambda task: None, view))
+    assert isinstance(answer, tuple)
+    assert answer[0] == 200
+    return msgspec.json.decode(answer[1], type=Task)
 
 
-def two_processes() -> tuple[SharedStore, FakeApp, FakeApp]:
+def two_processes() -> tuple[SharedStore, Process, Process]:
     store = SharedStore()
-    return store, FakeApp(store), FakeApp(store)
+    return store, Process(store), Process(store)
 
 
 def test_mutate_decides_from_the_row_it_committed() -> None:
@@ -1103,7 +1139,7 @@ def test_mutate_decides_from_the_row_it_committed() -> None:
     change(a, Heartbeat(run_id=RUN, now_ms=T0 + 10, lease_ms=LEASE))
     assert store.reads == reads
     assert stored(store).version == 8
-    assert task_api.task_cache(cast(App, a)).get(TASK) == stored(store)
+    assert a.service.cache.get(TASK) == stored(store)
 
 
 def test_a_stale_row_costs_a_conflict_and_a_read() -> None:
@@ -1136,7 +1172,7 @@ def test_a_refusal_confirmed_by_the_store_is_answered() -> None:
     store, a, _ = two_processes()
     change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
     reads = store.reads
-    with pytest.raises(ApiError) as info:
+    with pytest.raises(Refusal) as info:
         change(a, Answer(answer="yes", now_ms=T0 + 1))
     assert info.value.code == INV
     assert store.reads == reads + 1
@@ -1145,11 +1181,11 @@ def test_a_refusal_confirmed_by_the_store_is_answered() -> None:
 
 def test_final_tasks_are_not_cached_and_a_failed_commit_forgets_the_row() -> None:
     _, a, _ = two_processes()
-    cache = task_api.task_cache(cast(App, a))
+    cache = a.service.cache
     change(a, Create(task_id=TASK, owner=OWNER, prompt="p", now_ms=T0))
     assert cache.get(TASK) is not None
-    a.fail = ApiError("not_ready", "the store is unavailable")
-    with pytest.raises(ApiError):
+    a.fail = Refusal("not_ready", "the store is unavailable")
+    with pytest.raises(Refusal):
         change(a, Cancel(now_ms=T0 + 1))
     assert cache.get(TASK) is None
     a.fail = None
@@ -1157,11 +1193,8 @@ def test_final_tasks_are_not_cached_and_a_failed_commit_forgets_the_row() -> Non
     assert cache.get(TASK) is None
 
 
-def test_the_task_cache_is_bounded_and_keeps_the_newest_row(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(task_api, "TASK_CACHE_SIZE", 2)
-    cache = task_api.TaskCache()
+def test_the_task_cache_is_bounded_and_keeps_the_newest_row() -> None:
+    cache = TaskCache(2)
     one, two, three = (
         msgspec.structs.replace(queued(), id=task_id) for task_id in ("t1", "t2", "t3")
     )
@@ -1177,7 +1210,7 @@ def test_the_task_cache_is_bounded_and_keeps_the_newest_row(
 
 
 # ---------------------------------------------------------------------------------------------
-# etherd.clock, which stamps every time above
+# etherd.core.rfc3339, which stamps every time above
 
 
 @pytest.mark.parametrize(

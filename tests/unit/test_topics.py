@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from etherd.topics import (
+from etherd.core.topics import (
     MAX_TOPIC_BYTES,
     TopicError,
     TopicTrie,

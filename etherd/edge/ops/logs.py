@@ -15,7 +15,7 @@ from typing import Any, Final
 
 import msgspec
 
-from etherd.config import LogConfig
+from etherd.core.config import LogConfig
 
 __all__ = ["JsonFormatter", "setup_logging"]
 

@@ -22,12 +22,9 @@ the time.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final, Literal
+from typing import Any, Final, Literal, Protocol
 
 import msgspec
-
-if TYPE_CHECKING:
-    from etherd.tasks import Result, Task
 
 __all__ = [
     "ActionId",
@@ -39,6 +36,7 @@ __all__ = [
     "OutcomeBlock",
     "OutcomeStatus",
     "PullRequest",
+    "ResultFacts",
     "SummaryBlock",
     "compose",
     "outcome_status",
@@ -156,7 +154,22 @@ def pull_request(artifact: dict[str, Any] | None) -> PullRequest | None:
         return None
 
 
-def _agent_status(result: Result) -> str:
+class ResultFacts(Protocol):
+    """What composition reads of a harness result (``core.tasks.Result`` has it all)."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def agent_status(self) -> str: ...
+    @property
+    def artifact(self) -> dict[str, Any] | None: ...
+    @property
+    def working_summary(self) -> str | None: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+def _agent_status(result: ResultFacts) -> str:
     """The agent's status line: the result's, else the one the docs also show in the artifact."""
     if result.agent_status.strip():
         return result.agent_status.strip()
@@ -164,11 +177,11 @@ def _agent_status(result: Result) -> str:
     return nested.strip() if isinstance(nested, str) else ""
 
 
-def compose(task: Task, result: Result) -> list[Block]:
+def compose(title: str, result: ResultFacts) -> list[Block]:
     """Compose the delivery blocks for a final result.
 
     Args:
-        task: the task the result belongs to (its title heads the outcome).
+        title: the task's title, which heads the outcome.
         result: a result with status ``submitted``, ``no_changes`` or ``failed``.
 
     Returns:
@@ -183,7 +196,7 @@ def compose(task: Task, result: Result) -> list[Block]:
     summary = _OUTCOMES[status]
     if status == "failed" and result.error and result.error.strip():
         summary = f"The task failed: {result.error.strip()}"
-    blocks: list[Block] = [OutcomeBlock(status=status, title=task.title, summary=summary)]
+    blocks: list[Block] = [OutcomeBlock(status=status, title=title, summary=summary)]
 
     pr = pull_request(result.artifact)
     if pr is not None:

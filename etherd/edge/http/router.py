@@ -7,14 +7,19 @@ path with another method, as contract section 8 asks.
 
 from __future__ import annotations
 
-from typing import Generic, TypeVar
+from typing import Final, Generic, TypeVar
 from urllib.parse import unquote
 
-from etherd.errors import ApiError
+from etherd.core.errors import Refusal
 
-__all__ = ["Router"]
+__all__ = ["OTHER_ROUTE", "LabelledRouter", "Router"]
 
 H = TypeVar("H")
+
+# The label of requests no route matches (metrics).
+OTHER_ROUTE: Final = "other"
+# Methods a CORS preflight may be told a route takes.
+_CORS_METHODS: Final = ("GET", "POST", "PUT", "PATCH", "DELETE")
 
 
 class _Node(Generic[H]):
@@ -59,7 +64,7 @@ class Router(Generic[H]):
         """Find the handler for a request.
 
         Raises:
-            ApiError: ``not_found`` or ``method_not_allowed``.
+            Refusal: ``not_found`` or ``method_not_allowed``.
         """
         params: dict[str, str] = {}
         node: _Node[H] | None = self._exact.get(path)
@@ -75,13 +80,42 @@ class Router(Generic[H]):
                     params[nxt.param] = unquote(seg)
                 node = nxt
         if node is None or not node.handlers:
-            raise ApiError("not_found", f"no route for {path}")
+            raise Refusal("not_found", f"no route for {path}")
         handler = node.handlers.get(method)
         if handler is None:
             if method == "HEAD" and "GET" in node.handlers:
                 return node.handlers["GET"], params
             allowed = ", ".join(sorted(node.handlers))
-            raise ApiError(
-                "method_not_allowed", f"{method} is not allowed on {path}; use {allowed}"
-            )
+            raise Refusal("method_not_allowed", f"{method} is not allowed on {path}; use {allowed}")
         return handler, params
+
+
+class LabelledRouter(Router[H]):
+    """A ``Router`` that also says which route template a request matched (metrics labels,
+    never raw paths, so the label set stays bounded) and which methods a path takes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._templates: Router[str] = Router()
+
+    def add(self, method: str, template: str, handler: H) -> None:
+        super().add(method, template, handler)
+        self._templates.add(method, template, template)
+
+    def template(self, method: str, path: str) -> str:
+        """The template of the route a request resolves to, or ``OTHER_ROUTE``."""
+        try:
+            return self._templates.resolve(method, path)[0]
+        except Refusal:
+            return OTHER_ROUTE
+
+    def methods(self, path: str) -> list[str]:
+        """The methods (of those a browser may preflight) that ``path`` takes."""
+        allowed = []
+        for method in _CORS_METHODS:
+            try:
+                self._templates.resolve(method, path)
+            except Refusal:
+                continue
+            allowed.append(method)
+        return allowed

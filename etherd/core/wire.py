@@ -8,13 +8,11 @@ front of the event's own JSON object, so user data passes through without a deco
 
 from __future__ import annotations
 
-import re
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
-from etherd.clock import rfc3339_ms
-from etherd.eventlog import StoredEvent
+from etherd.core.rfc3339 import rfc3339_ms
 
 __all__ = [
     "COMMAND_DECODER",
@@ -32,14 +30,12 @@ __all__ = [
     "TopicRefusal",
     "Unsubscribe",
     "Unsubscribed",
-    "encode_event",
     "event_json",
 ]
 
 # Event names are printed into the envelope without escaping, so they are restricted to a
 # charset that never needs it.
 EVENT_NAME_RE: Final = r"^[A-Za-z0-9_.:\-]{1,128}$"
-_EVENT_NAME = re.compile(EVENT_NAME_RE)
 RESERVED_FIELDS: Final = frozenset({"type", "event", "topic", "offset", "ts"})
 
 RequestId = str | int | None
@@ -157,11 +153,6 @@ class PublishAnswer(msgspec.Struct, gc=False):
 ENCODER: Final = msgspec.json.Encoder()
 
 
-def valid_event_name(name: str) -> bool:
-    """Whether an event name fits the envelope's charset."""
-    return _EVENT_NAME.match(name) is not None
-
-
 def event_json(topic: str, event: str, offset: int | None, ts_ms: int, data: bytes) -> bytes:
     """The JSON object a subscriber receives: the envelope, then the event's own fields.
 
@@ -180,16 +171,6 @@ def event_json(topic: str, event: str, offset: int | None, ts_ms: int, data: byt
     if body == b"{}" or not body:
         return head + b"}"
     return head + b"," + body[1:].lstrip()
-
-
-def encode_event(ev: StoredEvent) -> bytes:
-    """Envelope plus fields for a stored event."""
-    return event_json(ev.topic, ev.event, ev.offset, ev.ts_ms, ev.data)
-
-
-def encode_fields(fields: dict[str, Any] | dict[str, msgspec.Raw]) -> bytes:
-    """Encode an event's own fields to the JSON object stored and sent."""
-    return ENCODER.encode(fields)
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -1,12 +1,13 @@
 """Prometheus metrics for ``GET /metrics``, read from plain counters at scrape time.
 
 The hot path never touches a metrics library: the hub, the sessions, the HTTP edge and the
-store batcher increment plain ``int`` attributes (no locks, no allocations), and
-``HttpCounters``' histograms are a precomputed tuple of bucket bounds plus a list of ints
-(one ``bisect`` and two additions per observation). At scrape time ``EtherdCollector``
-reads them all and builds the metric families; ``prometheus_client`` writes the text
-exposition format. Each ``App`` has its own registry, so several apps in one process (tests)
-never share or double-register collectors.
+store batcher increment plain ``int`` attributes (no locks, no allocations), read through
+``services.stats.RuntimeStats``; the histograms here are a precomputed tuple of bucket
+bounds plus a list of ints (one ``bisect`` and two additions per observation). At scrape
+time ``EtherdCollector`` reads them all and builds the metric families;
+``prometheus_client`` writes the text exposition format. Each ``Metrics`` has its own
+registry, so several servers in one process (tests) never share or double-register
+collectors.
 
 HTTP requests are labelled by route *template* (``/api/tasks/{id}``), never by the raw path,
 so the label set stays bounded; paths no route matches are labelled ``other``.
@@ -22,7 +23,7 @@ import time
 from bisect import bisect_left
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -40,23 +41,12 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from etherd import __version__
-from etherd.auth import AuthError
-from etherd.errors import ApiError
-from etherd.http import Request, Response
-from etherd.routes import Router
+from etherd.core.config import LogConfig
+from etherd.edge.http.request import Request
+from etherd.edge.http.router import OTHER_ROUTE
+from etherd.services.stats import RuntimeStats
 
-if TYPE_CHECKING:
-    from etherd.app import App
-
-__all__ = [
-    "CONTENT_TYPE",
-    "Histogram",
-    "LabelledRouter",
-    "Metrics",
-    "metrics_endpoint",
-]
-
-H = TypeVar("H")
+__all__ = ["CONTENT_TYPE", "Histogram", "Metrics"]
 
 # The classic text format: every name etherd exposes is a legal pre-UTF-8 name, and every
 # Prometheus server and agent reads this version.
@@ -82,7 +72,6 @@ LATENCY_BUCKETS: Final = (
 BATCH_ROW_BUCKETS: Final = (1, 2, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
 LOOP_LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOOP_LAG_INTERVAL_S: Final = 0.5
-OTHER_ROUTE: Final = "other"
 
 access_log = logging.getLogger("etherd.access")
 
@@ -125,39 +114,29 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-class LabelledRouter(Router[H]):
-    """A ``Router`` that also answers which route template a request matched (for labels)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._templates: Router[str] = Router()
-
-    def add(self, method: str, template: str, handler: H) -> None:
-        super().add(method, template, handler)
-        self._templates.add(method, template, template)
-
-    def template(self, method: str, path: str) -> str:
-        """The template of the route a request resolves to, or ``other``."""
-        try:
-            return self._templates.resolve(method, path)[0]
-        except ApiError:
-            return OTHER_ROUTE
-
-
 class Metrics:
-    """Per-app metrics state: HTTP counters and histograms, loop lag, store commits."""
+    """Metrics state of one server: HTTP counters and histograms, loop lag, store commits.
 
-    def __init__(self, app: App) -> None:
-        self.app = app
-        # (route template, status) -> answered requests. Shared with ``App.responses``.
-        self.responses: Counter[tuple[str, int]] = app.responses
+    ``template(method, path)`` names the route a request matched (the router's);
+    ``log_config()`` says whether to write the access log (re-read per request).
+    """
+
+    def __init__(
+        self,
+        stats: RuntimeStats,
+        template: Callable[[str, str], str],
+        log_config: Callable[[], LogConfig],
+    ) -> None:
+        self.stats = stats
+        self._template = template
+        self._log_config = log_config
+        # (route template, status) -> answered requests.
+        self.responses: Counter[tuple[str, int]] = Counter()
         self.latency: dict[str, Histogram] = {}
         self.loop_lag = Histogram(LOOP_LAG_BUCKETS)
         self.loop_lag_last = 0.0
         self.batch_rows = Histogram(BATCH_ROW_BUCKETS)
         self.commit_seconds = Histogram(LATENCY_BUCKETS)
-        # Filled by whoever can count tasks cheaply (status -> tasks); exported when set.
-        self.task_counts: Callable[[], dict[str, int]] | None = None
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(EtherdCollector(self))
         self.registry.register(ProcessCollector(registry=None))
@@ -171,14 +150,14 @@ class Metrics:
         if request is None:
             self.responses[(OTHER_ROUTE, status)] += 1
             return
-        route = self.app.router.template(request.method, request.path)
+        route = self._template(request.method, request.path)
         self.responses[(route, status)] += 1
         seconds = time.perf_counter() - request.received
         hist = self.latency.get(route)
         if hist is None:
             hist = self.latency[route] = Histogram(LATENCY_BUCKETS)
         hist.observe(seconds)
-        if self.app.config.log.access_log:
+        if self._log_config().access_log:
             ms = round(seconds * 1000, 3)
             access_log.info(
                 '%s "%s %s" %d %.3fms',
@@ -220,61 +199,61 @@ class Metrics:
 
 
 class EtherdCollector(Collector):
-    """Builds etherd's metric families from the app's plain counters at scrape time."""
+    """Builds etherd's metric families from the plain counters at scrape time."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
 
     def collect(self) -> Iterator[Metric]:
         m = self.metrics
-        app = m.app
-        hub = app.hub
-        batcher = app.batcher
+        st = m.stats
 
         yield _gauge("etherd_build_info", "etherd version", 1, {"version": __version__})
-        yield _gauge("etherd_start_time_seconds", "Unix time etherd started", app.started_at)
-        yield _gauge("etherd_draining", "1 while a graceful stop is under way", int(app.draining))
+        yield _gauge("etherd_start_time_seconds", "Unix time etherd started", st.started_at)
+        yield _gauge("etherd_draining", "1 while a graceful stop is under way", int(st.draining))
 
         # Connections and subscriptions.
         yield _gauge(
-            "etherd_websocket_connections_open", "Open WebSocket sessions", len(app.sessions)
+            "etherd_websocket_connections_open", "Open WebSocket sessions", st.sessions_open
         )
         yield _counter(
             "etherd_websocket_connections_accepted",
             "WebSocket sessions accepted since start",
-            app.connections_total,
+            st.sessions_accepted,
         )
         yield _gauge(
             "etherd_http_connections",
             "Open HTTP connections (not yet upgraded or streaming)",
-            len(app.http_connections),
+            st.http_connections,
         )
-        yield _gauge("etherd_sse_streams", "Open Server-Sent Events streams", len(app.sse_streams))
+        yield _gauge("etherd_sse_streams", "Open Server-Sent Events streams", st.sse_streams)
         yield _gauge(
             "etherd_subscriptions",
             "Subscriptions held (topic or pattern, subscriber)",
-            hub.subscription_count,
+            st.subscriptions,
         )
-        yield _gauge(
-            "etherd_topics", "Distinct topics and patterns with a subscriber", hub.topic_count
-        )
+        yield _gauge("etherd_topics", "Distinct topics and patterns with a subscriber", st.topics)
 
         # Fan-out.
-        yield _counter("etherd_messages_published", "Events published to the hub", hub.published)
+        yield _counter("etherd_messages_published", "Events published to the hub", st.published)
         yield _counter(
             "etherd_messages_delivered",
             "Event frames queued for subscribers (one per event per subscriber)",
-            hub.frames_queued,
+            st.delivered,
         )
         yield _counter(
-            "etherd_writes", "Socket writes by the fan-out (coalesced frames)", hub.writes
+            "etherd_writes", "Socket writes by the fan-out (coalesced frames)", st.writes
         )
-        yield _counter("etherd_bytes_written", "Bytes written by the fan-out", hub.bytes_written)
-        yield _counter(
+        yield _counter("etherd_bytes_written", "Bytes written by the fan-out", st.bytes_written)
+        slow = CounterMetricFamily(
             "etherd_slow_consumer_closes",
-            "Connections closed because their unsent bytes passed the cap",
-            app.slow_consumer_closes,
+            "Connections closed because their unsent bytes passed the cap, by kind",
+            labels=["kind"],
         )
+        closes = st.slow_consumer_closes
+        for kind in ("ws", "sse"):
+            slow.add_metric([kind], closes.get(kind, 0))
+        yield slow
 
         # HTTP.
         requests = CounterMetricFamily(
@@ -293,7 +272,7 @@ class EtherdCollector(Collector):
         for route, hist in sorted(m.latency.items()):
             durations.add_metric([route], hist.cumulative(), hist.sum)
         yield durations
-        yield _gauge("etherd_http_requests_in_flight", "Requests being handled", app.inflight)
+        yield _gauge("etherd_http_requests_in_flight", "Requests being handled", st.inflight)
 
         # Event loop.
         yield _histogram(
@@ -308,21 +287,22 @@ class EtherdCollector(Collector):
         )
 
         # Store.
-        yield _gauge("etherd_store_up", "1 while the event log store answers", int(batcher.is_up))
-        yield _counter("etherd_store_commits", "Group commits that succeeded", batcher.batches)
-        yield _counter("etherd_store_rows", "Events stored by group commits", batcher.rows)
+        yield _gauge("etherd_store_up", "1 while the event log store answers", int(st.store_up))
+        yield _counter("etherd_store_commits", "Group commits that succeeded", st.commits)
+        yield _counter("etherd_store_rows", "Events stored by group commits", st.rows)
         yield _counter(
-            "etherd_store_errors", "Group commits that failed (outage or error)", batcher.errors
+            "etherd_store_errors", "Group commits that failed (outage or error)", st.store_errors
         )
-        yield _gauge("etherd_store_queue_rows", "Events waiting for a commit", batcher.queued_rows)
+        yield _gauge("etherd_store_queue_rows", "Events waiting for a commit", st.queue_rows)
         yield _histogram("etherd_store_batch_rows", "Events per group commit", m.batch_rows)
         yield _histogram(
             "etherd_store_commit_duration_seconds", "Time of one group commit", m.commit_seconds
         )
 
-        if m.task_counts is not None:
+        counts = st.task_counts
+        if counts is not None:
             tasks = GaugeMetricFamily("etherd_tasks", "Tasks by status", labels=["status"])
-            for task_status, count in sorted(m.task_counts().items()):
+            for task_status, count in sorted(counts.items()):
                 tasks.add_metric([task_status], count)
             yield tasks
 
@@ -343,17 +323,3 @@ def _counter(name: str, doc: str, value: float) -> CounterMetricFamily:
 
 def _histogram(name: str, doc: str, hist: Histogram) -> HistogramMetricFamily:
     return HistogramMetricFamily(name, doc, buckets=hist.cumulative(), sum_value=hist.sum)
-
-
-async def metrics_endpoint(app: App, request: Request) -> Response:
-    """``GET /metrics``: needs an admin token when ``metrics.require_admin`` is true."""
-    if app.config.metrics.require_admin:
-        try:
-            principal = app.auth.bearer(request.headers.get("authorization"))
-        except AuthError as exc:
-            raise ApiError(exc.code, exc.message) from None
-        if not principal.is_admin:
-            raise ApiError(
-                "forbidden", "metrics need an admin token (metrics.require_admin = true)"
-            )
-    return Response(200, app.metrics.render(), content_type=CONTENT_TYPE)

@@ -2,16 +2,14 @@
 
 Every limit etherd enforces is a field here with its default; ``conf/etherd.toml`` documents
 each one with its unit, and a test keeps the two in step. Unknown keys are errors that name
-the key, in the file and in the environment alike.
+the key, in the file and in the environment alike. Pure: ``build`` takes the parsed file and
+the environment as values; ``edge.ops.configfile.load`` reads them.
 """
 
 from __future__ import annotations
 
-import os
 import re
-import tomllib
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -29,7 +27,7 @@ __all__ = [
     "StoreConfig",
     "TasksConfig",
     "WsConfig",
-    "load",
+    "build",
 ]
 
 Pos = Annotated[int, msgspec.Meta(ge=1)]
@@ -60,6 +58,10 @@ class ServerConfig(_Section):
     # balancers that poll it stop sending new connections first.
     shutdown_delay_s: NonNegFloat = 0.0
     max_connections: Pos = 50_000
+    # Connections the kernel queues for accept() (listen(2) backlog).
+    listen_backlog: Pos = 4096
+    # WebSocket sessions are closed in this many batches over drain_window_s.
+    drain_batches: Pos = 20
 
 
 class HttpConfig(_Section):
@@ -79,6 +81,10 @@ class HttpConfig(_Section):
     # Browser origins (``scheme://host[:port]``) allowed to call the HTTP API and SSE from
     # another origin (CORS); "*" allows any. Empty: no CORS headers at all.
     cors_origins: list[str] = msgspec.field(default_factory=list)
+    # Unsent bytes in a connection's transport above which asyncio calls pause_writing.
+    write_high_water_bytes: Pos = 256 * 1024
+    # Characters of an Idempotency-Key header.
+    max_idempotency_key_chars: Pos = 255
 
 
 class WsConfig(_Section):
@@ -98,6 +104,8 @@ class WsConfig(_Section):
     ping_timeout_s: PosFloat = 20.0
     # Subscribers written to per loop iteration; a larger fan-out yields to other work.
     fanout_slice: Pos = 2_000
+    # Seconds a session the server closed may take to flush before its socket is cut.
+    close_grace_s: PosFloat = 2.0
     # Path of an echo endpoint for the Autobahn conformance suite; empty (off) in production.
     echo_path: str = ""
 
@@ -155,6 +163,16 @@ class TasksConfig(_Section):
     sweep_interval_s: PosFloat = 1.0
     max_prompt_bytes: Pos = 64 * 1024
     max_user_message_bytes: Pos = 8 * 1024
+    # Expired leases handled per sweep.
+    sweep_batch: Pos = 500
+    # Largest page of GET /api/activity and GET /api/harness/tasks/claimable.
+    max_page_size: Pos = 200
+    # Largest page of GET /api/tasks/{id}/timeline.
+    max_timeline_page: Pos = 1_000
+    # Events of a task topic one timeline request reads at most, looking for entries.
+    timeline_scan_events: Pos = 10_000
+    # Task rows each process remembers to skip a read before a change.
+    cache_size: Pos = 10_000
 
 
 class LogConfig(_Section):
@@ -186,7 +204,10 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         """The store URL, defaulting to an SQLite file inside the data directory."""
         if self.store.url:
             return self.store.url
-        return "sqlite:///" + str(Path(self.server.data_dir) / "etherd.db")
+        data_dir = self.server.data_dir
+        if data_dir and not data_dir.endswith("/"):
+            data_dir += "/"
+        return "sqlite:///" + data_dir + "etherd.db"
 
     @property
     def public_url(self) -> str:
@@ -217,58 +238,40 @@ def is_loopback(host: str) -> bool:
 # A serialized origin as browsers send it in the Origin header.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
 
-DEFAULT_CONFIG_PATH = Path("conf/etherd.toml")
 ENV_PREFIX = "ETHERD_"
 # Variables with this prefix that are not configuration keys.
-_ENV_NOT_KEYS = frozenset({"ETHERD_CONFIG"})
+ENV_NOT_KEYS = frozenset({"ETHERD_CONFIG"})
 
 
-def load(
-    path: str | Path | None = None,
+def build(
+    raw: Mapping[str, Any],
     *,
-    env: Mapping[str, str] | None = None,
+    env: Mapping[str, str],
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Config:
-    """Build the effective configuration.
+    """The effective configuration from a parsed file, the environment and flag values.
 
     Args:
-        path: TOML file; None means ``$ETHERD_CONFIG`` or ``conf/etherd.toml`` if present.
-        env: the environment to read ``ETHERD_<SECTION>_<KEY>`` from (default os.environ).
-        overrides: values from command-line flags, as ``{section: {key: value}}``.
+        raw: the TOML file's tables (``{}`` without a file).
+        env: the environment to read ``ETHERD_<SECTION>_<KEY>`` from.
+        overrides: values from command-line flags, as ``{section: {key: value}}``; a value
+            of None means "flag not given".
 
     Raises:
-        ConfigError: a file that cannot be read or parsed, an unknown key, a bad value.
+        ConfigError: an unknown key, a bad value, or a rule that spans keys is broken.
     """
-    env = os.environ if env is None else env
-    raw: dict[str, Any] = {}
-    if path is None and env.get("ETHERD_CONFIG"):
-        path = env["ETHERD_CONFIG"]
-    if path is None and DEFAULT_CONFIG_PATH.is_file():
-        path = DEFAULT_CONFIG_PATH
-    if path is not None:
-        raw = _read_toml(Path(path))
-    _apply_env(raw, env)
+    data: dict[str, Any] = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    _apply_env(data, env)
     for section, values in (overrides or {}).items():
         for key, value in values.items():
             if value is not None:
-                raw.setdefault(section, {})[key] = value
+                data.setdefault(section, {})[key] = value
     try:
-        config = msgspec.convert(raw, Config)
+        config = msgspec.convert(data, Config)
     except msgspec.ValidationError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from None
     _check(config)
     return config
-
-
-def _read_toml(path: Path) -> dict[str, Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read configuration file {path}: {exc.strerror}") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
 
 
 def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
@@ -276,7 +279,7 @@ def _apply_env(raw: dict[str, Any], env: Mapping[str, str]) -> None:
         name: field.type for name, field in ((f.name, f) for f in msgspec.structs.fields(Config))
     }
     for name, text in env.items():
-        if not name.startswith(ENV_PREFIX) or name in _ENV_NOT_KEYS:
+        if not name.startswith(ENV_PREFIX) or name in ENV_NOT_KEYS:
             continue
         rest = name[len(ENV_PREFIX) :].lower()
         section, _, key = rest.partition("_")

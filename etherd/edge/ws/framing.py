@@ -1,14 +1,13 @@
-"""The WebSocket session on picows: the hand-off, protocol hygiene, and the command loop.
+"""WebSocket framing on picows: the hand-off of an upgraded connection, and the RFC 6455
+duties picows leaves to the application.
 
-picows parses frames in C but leaves several RFC 6455 duties to the application; the
-``Framing`` base class does them for every session: it reassembles fragmented messages,
-validates UTF-8 incrementally (so a bad byte closes the session at once with 1007, not at
-the end of the message), refuses RSV bits (no extension is negotiated), caps message size
-(1009), answers CLOSE with the peer's code and refuses reserved codes that picows lets
-through (0, 1004-1006, 1015, 1016-2999, 5000 and up).
+picows parses frames in C; the ``Framing`` base class does the rest for every session: it
+reassembles fragmented messages, validates UTF-8 incrementally (so a bad byte closes the
+session at once with 1007, not at the end of the message), refuses RSV bits (no extension
+is negotiated), caps message size (1009), answers CLOSE with the peer's code and refuses
+reserved codes that picows lets through (0, 1004-1006, 1015, 1016-2999, 5000 and up).
+Subclasses get whole messages in ``on_message`` and end the session with ``close``.
 
-``Session`` turns messages into commands (subscribe, unsubscribe, ping) and is a hub sink:
-the hub queues encoded frames on ``pending`` and calls ``write`` once per loop iteration.
 ``Echo`` returns what it receives; it exists only for the Autobahn conformance suite and is
 off unless ``ws.echo_path`` is set.
 """
@@ -18,24 +17,20 @@ from __future__ import annotations
 import asyncio
 import codecs
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Final
+from typing import Final
 
 from picows import WSAutoPingStrategy, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
 from picows.picows import WSProtocol  # type: ignore[attr-defined]
 
-from etherd.errors import (
-    CLOSE_INVALID_PAYLOAD,
-    CLOSE_MESSAGE_TOO_BIG,
-    CLOSE_PROTOCOL_ERROR,
-    CLOSE_SLOW_CONSUMER,
-    CLOSE_UNSUPPORTED_DATA,
+from etherd.core.errors import (
+    PEER_GONE,
+    Disconnect,
+    echo_close,
+    invalid_utf8,
+    message_too_big,
+    protocol_error,
     valid_close_code,
 )
-from etherd.hub import KIND_WS, Resuming, Segment
-
-if TYPE_CHECKING:
-    from etherd.http import Request
 
 __all__ = ["Echo", "Framing", "handoff"]
 
@@ -48,8 +43,6 @@ _picows_log = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 # keeps 10,000 idle connections small.
 READ_BUFFER_BYTES: Final = 2048
 HANDSHAKE_TIMEOUT_S: Final = 5.0
-# Seconds a session closed by the server may take to flush before the socket is cut.
-CLOSE_GRACE_S: Final = 2.0
 
 
 def _abort(transport: WSTransport) -> None:
@@ -59,7 +52,7 @@ def _abort(transport: WSTransport) -> None:
 
 def handoff(
     transport: asyncio.Transport,
-    request: Request,
+    headers: dict[str, str],
     tail: bytes,
     listener: WSListener,
     *,
@@ -75,7 +68,6 @@ def handoff(
     The ``WSProtocol`` constructor is internal to picows: the version is pinned exactly and
     the integration tests perform real upgrades through this function.
     """
-    headers = request.headers
     canonical = b"".join(
         (
             b"GET / HTTP/1.1\r\nHost: ",
@@ -97,7 +89,9 @@ def handoff(
         True,  # disconnect_on_exception
         # The whole handshake is fed in below, so picows never waits for it.
         HANDSHAKE_TIMEOUT_S,
-        False,  # auto-ping: the server's sweep pings idle sessions instead of a task each
+        # Auto-ping off: the keepalive sweep pings idle sessions instead of a task each, so
+        # the two intervals that follow are never used (picows still wants them).
+        False,
         20.0,
         10.0,
         WSAutoPingStrategy.PING_WHEN_IDLE,
@@ -124,8 +118,9 @@ def handoff(
 class Framing(WSListener):
     """RFC 6455 duties picows leaves to the application; subclasses get whole messages."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, close_grace_s: float) -> None:
         super().__init__()
+        self._close_grace = close_grace_s
         self.transport: WSTransport | None = None
         self._max_message = max_message_bytes
         self._frag: bytearray | None = None
@@ -148,11 +143,11 @@ class Framing(WSListener):
         self.seen = True
         op = frame.msg_type
         if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self.close(CLOSE_PROTOCOL_ERROR, "reserved bits are set but no extension was agreed")
+            self.close(protocol_error("reserved bits are set but no extension was agreed"))
             return
         if op == WSMsgType.TEXT or op == WSMsgType.BINARY:
             if self._frag is not None:
-                self.close(CLOSE_PROTOCOL_ERROR, "new message started before the last one ended")
+                self.close(protocol_error("new message started before the last one ended"))
                 return
             if frame.payload_size > self._max_message:
                 self._too_big(frame.payload_size)
@@ -163,7 +158,7 @@ class Framing(WSListener):
                     try:
                         payload.decode("utf-8")
                     except UnicodeDecodeError:
-                        self.close(CLOSE_INVALID_PAYLOAD, "text message is not valid UTF-8")
+                        self.close(invalid_utf8())
                         return
                 self.on_message(op == WSMsgType.TEXT, payload)
                 return
@@ -173,7 +168,7 @@ class Framing(WSListener):
             self._continue(frame)
         elif op == WSMsgType.CONTINUATION:
             if self._frag is None:
-                self.close(CLOSE_PROTOCOL_ERROR, "continuation frame without a message to continue")
+                self.close(protocol_error("continuation frame without a message to continue"))
                 return
             self._continue(frame)
         elif op == WSMsgType.CLOSE:
@@ -193,7 +188,7 @@ class Framing(WSListener):
             try:
                 self._decoder.decode(chunk, final=bool(frame.fin))
             except UnicodeDecodeError:
-                self.close(CLOSE_INVALID_PAYLOAD, "text message is not valid UTF-8")
+                self.close(invalid_utf8())
                 return
         if frame.fin:
             payload = bytes(frag)
@@ -202,34 +197,31 @@ class Framing(WSListener):
             self.on_message(self._frag_text, payload)
 
     def _too_big(self, size: int) -> None:
-        self.close(
-            CLOSE_MESSAGE_TOO_BIG,
-            f"message of {size} bytes exceeds {self._max_message} (ws.max_message_bytes)",
-        )
+        self.close(message_too_big(size, self._max_message))
 
     def _on_close(self, frame: WSFrame) -> None:
         size = frame.payload_size
         if size == 0:
-            self.close(1000, "", peer_closed=True)
+            self.close(PEER_GONE, peer_closed=True)
             return
         code = int(frame.get_close_code())  # type: ignore[call-overload]
         if not valid_close_code(code):
-            self.close(CLOSE_PROTOCOL_ERROR, f"close code {code} may not be sent by a peer")
+            self.close(protocol_error(f"close code {code} may not be sent by a peer"))
             return
         # picows already refused a reason that is not UTF-8 (1007). Echo the peer's code.
-        self.close(code, "", peer_closed=True)
+        self.close(echo_close(code), peer_closed=True)
 
     def is_closed(self) -> bool:
         """Whether the session has ended (a method, so it is re-read after an await)."""
         return self.closed
 
-    def close(self, code: int, reason: str, *, peer_closed: bool = False) -> None:
-        """Send CLOSE with a code and reason (at most 123 bytes) and end the session.
+    def close(self, disconnect: Disconnect, *, peer_closed: bool = False) -> None:
+        """Send CLOSE with the disconnect's code and reason and end the session.
 
         When the peer closed first, the TCP connection is closed at once. Otherwise the
         peer's CLOSE is awaited, so the socket is not closed under data still arriving
         (which would turn into a reset that can destroy our CLOSE before it is read), and
-        the connection is cut after ``CLOSE_GRACE_S``: a peer that stopped reading would
+        the connection is cut after ``ws.close_grace_s``: a peer that stopped reading would
         otherwise hold the socket and the bytes queued on it forever.
         """
         if self.closed:
@@ -238,11 +230,10 @@ class Framing(WSListener):
         transport = self.transport
         if transport is None:
             return
-        data = reason.encode()[:123]
-        transport.send_close(WSCloseCode(code), data)
+        transport.send_close(WSCloseCode(disconnect.code), disconnect.reason_bytes)
         if peer_closed:
             transport.disconnect()
-        asyncio.get_running_loop().call_later(CLOSE_GRACE_S, _abort, transport)
+        asyncio.get_running_loop().call_later(self._close_grace, _abort, transport)
         self.on_closed()
 
     def on_message(self, text: bool, payload: bytes) -> None:
@@ -263,62 +254,3 @@ class Echo(Framing):
     def on_message(self, text: bool, payload: bytes) -> None:
         assert self.transport is not None
         self.transport.send(WSMsgType.TEXT if text else WSMsgType.BINARY, payload)
-
-
-class SessionBase(Framing):
-    """A hub sink over a picows transport: coalesced writes and the slow-consumer cap."""
-
-    kind = KIND_WS
-
-    def __init__(self, max_message_bytes: int, max_pending_bytes: int) -> None:
-        super().__init__(max_message_bytes)
-        self.pending: list[bytes | Segment] = []
-        self.resuming: dict[str, Resuming] | None = None
-        self.alive = False
-        self._max_pending = max_pending_bytes
-        self._raw_write: Callable[[bytes], None] | None = None
-        self._buffered: Callable[[], int] | None = None
-        self.on_slow: Callable[[], None] | None = None
-
-    def __hash__(self) -> int:
-        return id(self)
-
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        super().on_ws_connected(transport)
-        under = transport.underlying_transport
-        self._raw_write = under.write
-        self._buffered = under.get_write_buffer_size
-        self.alive = True
-
-    def write(self, data: bytes) -> None:
-        """Write pre-built frames; close with 4008 when the peer cannot keep up."""
-        if self.closed or self._raw_write is None or self._buffered is None:
-            return
-        self._raw_write(data)
-        if self._buffered() > self._max_pending:
-            self.slow_consumer()
-
-    def slow_consumer(self) -> None:
-        """Close a session whose unsent bytes passed the cap; it resumes with ``since``."""
-        if self.on_slow is not None:
-            self.on_slow()
-        self.alive = False
-        self.close(CLOSE_SLOW_CONSUMER, "slow consumer; reconnect and resume")
-
-    def on_closed(self) -> None:
-        self.alive = False
-        self.pending.clear()
-
-    def pause_writing(self) -> None:
-        """Transport buffer above its high-water mark: the byte cap in ``write`` decides."""
-
-    def resume_writing(self) -> None:
-        """Transport buffer drained below its low-water mark."""
-
-
-def refuse_binary(session: Framing) -> None:
-    """Binary messages carry no command: close with 1003 (unsupported data)."""
-    session.close(CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted; send JSON text")
-
-
-PrincipalT = "Principal"

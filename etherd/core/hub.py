@@ -43,9 +43,10 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Iterable
 from typing import Final, Protocol
 
-from etherd.eventlog import StoredEvent
-from etherd.messages import event_json
-from etherd.topics import TopicTrie
+from etherd.core.events import StoredEvent
+from etherd.core.frames import sse_event, ws_text_frame
+from etherd.core.topics import TopicTrie
+from etherd.core.wire import event_json
 
 __all__ = [
     "KIND_SSE",
@@ -55,27 +56,10 @@ __all__ = [
     "Resuming",
     "Segment",
     "Sink",
-    "sse_chunk",
-    "ws_text_frame",
 ]
 
 KIND_WS: Final = 0
 KIND_SSE: Final = 1
-
-
-def ws_text_frame(payload: bytes) -> bytes:
-    """An unmasked, final TEXT frame (RFC 6455 section 5.2), as a server sends it."""
-    n = len(payload)
-    if n < 126:
-        return bytes((0x81, n)) + payload
-    if n < 65536:
-        return b"\x81\x7e" + n.to_bytes(2, "big") + payload
-    return b"\x81\x7f" + n.to_bytes(8, "big") + payload
-
-
-def sse_chunk(text: bytes) -> bytes:
-    """Text of a ``text/event-stream`` body as one HTTP/1.1 chunk (RFC 9112 section 7.1)."""
-    return b"%x\r\n%s\r\n" % (len(text), text)
 
 
 class Prepared:
@@ -95,9 +79,7 @@ class Prepared:
     def sse(self) -> bytes:
         """The event as one HTTP chunk of a ``text/event-stream`` body."""
         if self._sse is None:
-            ident = b"" if self.offset is None else b"id: %d\n" % self.offset
-            chunk = ident + b"event: " + self.event.encode() + b"\ndata: " + self.json + b"\n\n"
-            self._sse = sse_chunk(chunk)
+            self._sse = sse_event(self.event, self.json, self.offset)
         return self._sse
 
     @classmethod
@@ -130,13 +112,13 @@ class Resuming:
 class Segment:
     """Consecutive events of one topic queued for the same subscribers within one tick."""
 
-    __slots__ = ("_sse", "_ws", "frames", "special", "subs")
+    __slots__ = ("_sse", "_ws", "frames", "resumers", "subs")
 
     def __init__(self, subs: Collection[Sink], first: Prepared) -> None:
         self.subs = subs
         self.frames = [first]
         # Subscribers resuming this topic: they get each event on their own (held or not).
-        self.special: list[Sink] = []
+        self.resumers: list[Sink] = []
         self._ws: bytes | None = None
         self._sse: bytes | None = None
 
@@ -241,7 +223,7 @@ class Hub:
         segment = self._open
         if segment is not None and segment.subs is subs and self._open_topic == topic:
             segment.frames.append(prepared)
-            for sink in segment.special:
+            for sink in segment.resumers:
                 self._one(sink, prepared)
         else:
             segment = Segment(subs, prepared)
@@ -251,7 +233,7 @@ class Hub:
             for sink in subs:
                 resuming = sink.resuming
                 if resuming is not None and topic in resuming:
-                    segment.special.append(sink)
+                    segment.resumers.append(sink)
                     self._one(sink, prepared)
                     continue
                 pending = sink.pending
@@ -292,6 +274,15 @@ class Hub:
             resuming = sink.resuming
             if resuming is None or topic not in resuming or _admit(sink, prepared):
                 self.queue(sink, prepared.variant(sink.kind))
+
+    def replay(self, sink: Sink, topic: str, after: int, events: Iterable[StoredEvent]) -> None:
+        """Queue a topic's replay (events after ``after``) for a sink, then ``release`` it."""
+        last = after
+        kind = sink.kind
+        for ev in events:
+            self.queue(sink, Prepared.stored(ev).variant(kind))
+            last = ev.offset
+        self.release(sink, topic, last)
 
     def forget(self, sink: Sink, topic: str) -> None:
         """Drop a sink's resume state for a topic (on unsubscribe)."""

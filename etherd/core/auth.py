@@ -1,9 +1,10 @@
 """Who is calling, and what they may do: JWT verification and topic authorisation.
 
-Contract sections 2 and 3. This module is pure (no I/O beyond reading key files at
-start-up and on reload): the HTTP and WebSocket layers call :meth:`Authenticator.bearer`
-or :meth:`Authenticator.verify` to get a :class:`Principal`, then :func:`may_subscribe`,
-:func:`may_publish` and :func:`check_harness_app` to decide, per topic or per route.
+Contract sections 2 and 3. This module is pure: key files are read by the caller
+(``edge.ops.keyfiles``) and handed in as bytes. The HTTP and WebSocket layers call
+:meth:`Authenticator.bearer` or :meth:`Authenticator.verify` to get a :class:`Principal`,
+then :func:`may_subscribe`, :func:`may_publish` and :func:`check_harness_app` to decide,
+per topic or per route.
 
 Algorithms are bound to keys, never taken from the token alone (RFC 8725 section 2.1):
 an ``HS256`` token is checked only against ``auth.secret``, an ``RS256`` token only
@@ -17,9 +18,8 @@ import enum
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, Final
 
 import jwt
@@ -33,9 +33,9 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
-from etherd.config import AuthConfig, ConfigError
-from etherd.errors import ApiError
-from etherd.topics import TopicError, covers, is_pattern, matches, validate_pattern
+from etherd.core.config import AuthConfig, ConfigError
+from etherd.core.errors import Refusal
+from etherd.core.topics import TopicError, covers, is_pattern, matches, validate_pattern
 
 __all__ = [
     "DEV_SUBJECT",
@@ -99,21 +99,6 @@ class Principal(msgspec.Struct, frozen=True, gc=False):
     def is_admin(self) -> bool:
         """Whether the role is ``admin``."""
         return self.role is Role.ADMIN
-
-    @property
-    def is_user(self) -> bool:
-        """Whether the role is ``user``."""
-        return self.role is Role.USER
-
-    @property
-    def is_harness(self) -> bool:
-        """Whether the role is ``harness``."""
-        return self.role is Role.HARNESS
-
-    @property
-    def is_service(self) -> bool:
-        """Whether the role is ``service``."""
-        return self.role is Role.SERVICE
 
     @property
     def may_act_for_anyone(self) -> bool:
@@ -186,7 +171,7 @@ class _Keys:
 
     __slots__ = ("config", "dev", "notes", "private", "private_alg", "public", "secret", "verified")
 
-    def __init__(self, config: AuthConfig, dev: bool) -> None:
+    def __init__(self, config: AuthConfig, dev: bool, files: Mapping[str, bytes]) -> None:
         self.config = config
         self.dev = dev
         # Tokens these keys verified -> their principal (see Authenticator.verify). It lives
@@ -212,29 +197,33 @@ class _Keys:
             self.secret = secret
         self.public: dict[str, list[PublicKey]] = {RS256: [], ES256: []}
         for index, name in enumerate(config.public_keys):
-            key = _load_public_key(name, f"auth.public_keys[{index}]")
+            key = _load_public_key(name, f"auth.public_keys[{index}]", files)
             self.public[_alg_for(key, f"auth.public_keys[{index}] ({name})")].append(key)
         self.private: PrivateKey | None = None
         self.private_alg: str | None = None
         if config.private_key:
-            self.private = _load_private_key(config.private_key)
+            self.private = _load_private_key(config.private_key, files)
             self.private_alg = _alg_for(self.private, f"auth.private_key ({config.private_key})")
         self.notes = tuple(notes)
 
 
-def _read_pem(name: str, where: str) -> bytes:
-    try:
-        return Path(name).read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read {name}: {exc.strerror or exc}") from None
+def _read_pem(name: str, where: str, files: Mapping[str, bytes]) -> bytes:
+    data = files.get(name)
+    if data is None:
+        raise ConfigError(f"{where}: {name} was not read (pass it in key_files)")
+    return data
 
 
-def _load_public_key(name: str, where: str) -> PublicKey:
-    data = _read_pem(name, where)
+def _basename(name: str) -> str:
+    return name.rsplit("/", 1)[-1]
+
+
+def _load_public_key(name: str, where: str, files: Mapping[str, bytes]) -> PublicKey:
+    data = _read_pem(name, where, files)
     if b"PRIVATE KEY-----" in data:
         raise ConfigError(
             f"{where}: {name} holds a private key; give the public key instead "
-            f"(`openssl pkey -in {Path(name).name} -pubout`) and keep the private key "
+            f"(`openssl pkey -in {_basename(name)} -pubout`) and keep the private key "
             f"for auth.private_key"
         )
     key: object
@@ -256,9 +245,9 @@ def _load_public_key(name: str, where: str) -> PublicKey:
     return key
 
 
-def _load_private_key(name: str) -> PrivateKey:
+def _load_private_key(name: str, files: Mapping[str, bytes]) -> PrivateKey:
     where = "auth.private_key"
-    data = _read_pem(name, where)
+    data = _read_pem(name, where, files)
     try:
         key = load_pem_private_key(data, password=None)
     except TypeError:
@@ -331,24 +320,33 @@ class Authenticator:
     """
 
     def __init__(
-        self, config: AuthConfig, *, dev: bool, now: Callable[[], float] = time.time
+        self,
+        config: AuthConfig,
+        *,
+        dev: bool,
+        key_files: Mapping[str, bytes] | None = None,
+        now: Callable[[], float] = time.time,
     ) -> None:
         """Load the keys named in ``config``.
 
         Args:
             config: the ``[auth]`` section.
             dev: whether the development token ``test`` is accepted (``Config.dev_auth``).
+            key_files: the contents of every file ``config`` names (``public_keys``,
+                ``private_key``), by name; ``edge.ops.keyfiles.read_key_files`` reads them.
             now: the clock, in unix seconds (tests pass a fixed one).
 
         Raises:
-            ConfigError: a key file that cannot be read or is not a usable key.
+            ConfigError: a key file that was not given or is not a usable key.
         """
         self._now = now
-        self._keys = _Keys(config, dev)
+        self._keys = _Keys(config, dev, key_files or {})
 
-    def reload(self, config: AuthConfig, *, dev: bool) -> None:
+    def reload(
+        self, config: AuthConfig, *, dev: bool, key_files: Mapping[str, bytes] | None = None
+    ) -> None:
         """Swap in new keys (on SIGHUP). On ConfigError the old keys stay in use."""
-        self._keys = _Keys(config, dev)
+        self._keys = _Keys(config, dev, key_files or {})
 
     @property
     def dev(self) -> bool:
@@ -645,16 +643,16 @@ def check_harness_app(value: str | None, allowed: Sequence[str]) -> None:
     """Enforce the ``X-Ether-Harness-App`` header on harness routes.
 
     Raises:
-        ApiError: ``bad_request`` when the header is missing or empty; ``forbidden``
+        Refusal: ``bad_request`` when the header is missing or empty; ``forbidden``
             when ``allowed`` is non-empty and does not list the value.
     """
     app = (value or "").strip()
     if not app:
-        raise ApiError(
+        raise Refusal(
             "bad_request", "missing X-Ether-Harness-App header; harness routes need your app id"
         )
     if allowed and app not in allowed:
-        raise ApiError("forbidden", f"harness app {_show(app)} is not allowed on this server")
+        raise Refusal("forbidden", f"harness app {_show(app)} is not allowed on this server")
 
 
 def task_id_of(topic: str) -> str | None:

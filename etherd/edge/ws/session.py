@@ -1,10 +1,17 @@
-"""Realtime subscriptions: the WebSocket command session and the SSE stream, both hub sinks.
+"""One WebSocket client of ``/api/realtime``: commands in, events out.
+
+``Session`` turns messages into commands (subscribe, unsubscribe, ping) and is a hub sink:
+the hub queues encoded frames on ``pending`` and calls ``write`` once per loop iteration;
+a session whose unsent bytes pass ``ws.max_pending_bytes`` is closed with 4008 and resumes
+with ``since``.
 
 A subscribe is answered in one reply listing, per topic, where the topic stands (newest
 offset and epoch) and whether a requested resume was honoured in full; refused topics are
 listed in the same reply and never close the connection. A resume holds live events of the
 topic while the retained ones are read from the store, writes the replay, then releases the
 held events it did not already send, so the client sees every offset once, in order.
+Commands that arrive while a subscribe reads the store wait behind it, in order, up to
+``ws.max_queued_commands``.
 """
 
 from __future__ import annotations
@@ -12,15 +19,18 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from typing import TYPE_CHECKING
+from collections.abc import Callable
 
 import msgspec
+from picows import WSTransport
 
-from etherd.auth import Principal, may_subscribe
-from etherd.errors import CLOSE_UNSUPPORTED_DATA, ApiError
-from etherd.eventlog import StoredEvent
-from etherd.hub import Prepared, Sink, ws_text_frame
-from etherd.messages import (
+from etherd.core.auth import Principal
+from etherd.core.errors import SLOW_CONSUMER, binary_message
+from etherd.core.events import StoredEvent
+from etherd.core.frames import ws_text_frame
+from etherd.core.hub import KIND_WS, Resuming, Segment
+from etherd.core.topics import TopicError, is_pattern, validate_pattern
+from etherd.core.wire import (
     COMMAND_DECODER,
     ENCODER,
     ErrorReply,
@@ -33,52 +43,119 @@ from etherd.messages import (
     Unsubscribe,
     Unsubscribed,
 )
-from etherd.topics import TopicError, is_pattern, validate_pattern
-from etherd.ws import SessionBase
+from etherd.edge.ws.framing import Framing
+from etherd.services.realtime import Realtime
 
-if TYPE_CHECKING:
-    from etherd.app import App
-
-__all__ = ["Session", "replay_to", "resume"]
+__all__ = ["Session"]
 
 log = logging.getLogger("etherd.realtime")
 
+Command = Subscribe | Unsubscribe | Ping
 
-class Session(SessionBase):
-    """One WebSocket client: commands in, events out."""
 
-    def __init__(self, app: App, principal: Principal, peer: str) -> None:
-        cfg = app.config.ws
-        super().__init__(cfg.max_message_bytes, cfg.max_pending_bytes)
-        self.app = app
+class Session(Framing):
+    """One WebSocket client (see the module docstring)."""
+
+    kind = KIND_WS
+
+    def __init__(self, realtime: Realtime, principal: Principal, peer: str) -> None:
+        cfg = realtime.config.ws
+        super().__init__(cfg.max_message_bytes, cfg.close_grace_s)
+        self.realtime = realtime
         self.principal = principal
         self.peer = peer
         self.topics: set[str] = set()
         self.patterns = 0
+        # Hub sink state.
+        self.pending: list[bytes | Segment] = []
+        self.resuming: dict[str, Resuming] | None = None
+        self.alive = False
+        self._max_pending = cfg.max_pending_bytes
+        self._raw_write: Callable[[bytes], None] | None = None
+        self._buffered: Callable[[], int] | None = None
         # Created on first use: most sessions never queue a command (an empty deque is
         # about 0.6 KB, per connection).
-        self._commands: deque[Subscribe | Unsubscribe | Ping] | None = None
+        self._commands: deque[Command] | None = None
         self._busy = False
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # -- what the registry and the keepalive see -------------------------------------------
+
+    @property
+    def subject(self) -> str:
+        """The ``sub`` of the session's token."""
+        return self.principal.sub
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the session's token expires (unix seconds), if it does."""
+        return self.principal.exp
+
+    @property
+    def pinged_at(self) -> float | None:
+        """When the unanswered ping was sent, if one is out."""
+        return self.ping_sent_at
+
+    def took_input(self) -> bool:
+        """Whether any frame arrived since the last call (the call resets it)."""
+        seen = self.seen
+        self.seen = False
+        return seen
+
+    def ping(self, now: float) -> None:
+        """Send a ping; a pong clears ``pinged_at``."""
+        if self.transport is not None:
+            self.ping_sent_at = now
+            self.transport.send_ping()
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def on_ws_connected(self, transport: object) -> None:
-        super().on_ws_connected(transport)  # type: ignore[arg-type]
-        self.app.session_opened(self)
+    def on_ws_connected(self, transport: WSTransport) -> None:
+        super().on_ws_connected(transport)
+        under = transport.underlying_transport
+        self._raw_write = under.write
+        self._buffered = under.get_write_buffer_size
+        self.alive = True
+        self.realtime.connections.session_opened(self)
 
     def on_closed(self) -> None:
+        self.alive = False
         if self.topics:
-            self.app.hub.unsubscribe_all(self.topics, self)
+            self.realtime.hub.unsubscribe_all(self.topics, self)
             self.topics.clear()
         self.resuming = None
-        super().on_closed()
-        self.app.session_closed(self)
+        self.pending.clear()
+        self.realtime.connections.session_closed(self)
+
+    # -- sink ------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write pre-built frames; close with 4008 when the peer cannot keep up."""
+        if self.closed or self._raw_write is None or self._buffered is None:
+            return
+        self._raw_write(data)
+        if self._buffered() > self._max_pending:
+            self.slow_consumer()
+
+    def slow_consumer(self) -> None:
+        """Close a session whose unsent bytes passed the cap; it resumes with ``since``."""
+        self.realtime.connections.slow_consumer_closes["ws"] += 1
+        self.alive = False
+        self.close(SLOW_CONSUMER)
+
+    def pause_writing(self) -> None:
+        """Transport buffer above its high-water mark: the byte cap in ``write`` decides."""
+
+    def resume_writing(self) -> None:
+        """Transport buffer drained below its low-water mark."""
 
     # -- commands --------------------------------------------------------------------------
 
     def on_message(self, text: bool, payload: bytes) -> None:
         if not text:
-            self.close(CLOSE_UNSUPPORTED_DATA, "binary messages are not accepted; send JSON text")
+            self.close(binary_message())
             return
         try:
             command = COMMAND_DECODER.decode(payload)
@@ -89,7 +166,7 @@ class Session(SessionBase):
             self.reply(ErrorReply(None, "bad_request", f"message is not JSON: {exc}"))
             return
         if self._busy:
-            limit = self.app.config.ws.max_queued_commands
+            limit = self.realtime.config.ws.max_queued_commands
             if self._commands is None:
                 self._commands = deque()
             if len(self._commands) >= limit:
@@ -106,7 +183,7 @@ class Session(SessionBase):
             return
         self._run(command)
 
-    def _run(self, command: Subscribe | Unsubscribe | Ping) -> None:
+    def _run(self, command: Command) -> None:
         if isinstance(command, Ping):
             self.reply(Pong(command.id))
         elif isinstance(command, Unsubscribe):
@@ -129,23 +206,25 @@ class Session(SessionBase):
     def reply(self, message: msgspec.Struct) -> None:
         """Queue a reply behind any frames already pending for this session."""
         if not self.closed:
-            self.app.hub.queue(self, ws_text_frame(ENCODER.encode(message)))
+            self.realtime.hub.queue(self, ws_text_frame(ENCODER.encode(message)))
 
     def _unsubscribe(self, command: Unsubscribe) -> None:
+        hub = self.realtime.hub
         removed = []
         for topic in command.topics:
             if topic in self.topics:
                 self.topics.discard(topic)
-                self.app.hub.unsubscribe(topic, self)
+                hub.unsubscribe(topic, self)
                 if is_pattern(topic):
                     self.patterns -= 1
-                self.app.hub.forget(self, topic)
+                hub.forget(self, topic)
                 removed.append(topic)
         self.reply(Unsubscribed(command.id, removed))
 
     async def _subscribe(self, command: Subscribe) -> None:
-        app = self.app
-        cfg = app.config.ws
+        realtime = self.realtime
+        hub = realtime.hub
+        cfg = realtime.config.ws
         since = command.since or {}
         acks: list[TopicAck] = []
         refusals: list[TopicRefusal] = []
@@ -184,25 +263,28 @@ class Session(SessionBase):
                 self.patterns += 1
         resumes = {t: since[t] for t in accepted if t in since}
         for topic, after in resumes.items():
-            app.hub.hold(self, topic, after)
+            hub.hold(self, topic, after)
         for topic in fresh:
-            app.hub.subscribe(topic, self)
+            hub.subscribe(topic, self)
         # topic -> (offset the replay starts after, events to replay)
         replays: dict[str, tuple[int, list[StoredEvent]]] = {}
+        epoch = realtime.epoch
         for topic in accepted:
             if topic in resumes:
-                ack, events = await resume(app, topic, resumes[topic], command.epoch)
+                resumed = await realtime.resume(topic, resumes[topic], command.epoch)
+                ack = TopicAck(topic, resumed.offset, epoch, resumed.recovered)
                 # Not recovered: the client reloads over HTTP and continues after the head.
-                replays[topic] = (resumes[topic] if ack.recovered else ack.offset, events)
+                start = resumes[topic] if resumed.recovered else resumed.offset
+                replays[topic] = (start, resumed.events)
             else:
-                head = 0 if is_pattern(topic) else await app.head(topic)
-                ack = TopicAck(topic, head, app.epoch, True)
+                head = 0 if is_pattern(topic) else await realtime.head(topic)
+                ack = TopicAck(topic, head, epoch, True)
             acks.append(ack)
         if self.is_closed():
             return
         self.reply(Subscribed(command.id, acks, refusals))
         for topic, (after, events) in replays.items():
-            replay_to(self.app, self, topic, after, events)
+            hub.replay(self, topic, after, events)
 
     async def _check(
         self, topic: str, resuming: bool, topics_left: int, patterns_left: int
@@ -220,7 +302,7 @@ class Session(SessionBase):
             )
         if topic in self.topics:
             return None
-        cfg = self.app.config.ws
+        cfg = self.realtime.config.ws
         if len(self.topics) >= topics_left:
             return TopicRefusal(
                 topic,
@@ -235,8 +317,7 @@ class Session(SessionBase):
                 f"this connection already holds {cfg.max_patterns_per_connection} patterns "
                 f"(ws.max_patterns_per_connection)",
             )
-        facts = await self.app.task_facts(topic)
-        reason = may_subscribe(self.principal, topic, facts)
+        reason = await self.realtime.authorize(self.principal, topic)
         if reason is not None:
             return TopicRefusal(topic, "forbidden", reason)
         return None
@@ -253,35 +334,3 @@ def _request_id(payload: bytes) -> str | int | None:
         if isinstance(rid, str | int) and not isinstance(rid, bool):
             return rid
     return None
-
-
-async def resume(
-    app: App, topic: str, after: int, epoch: str | None
-) -> tuple[TopicAck, list[StoredEvent]]:
-    """Read what a client missed on one topic, or say it cannot be recovered.
-
-    Returns the ack for the topic and the events to replay (empty when not recovered):
-    never a partial replay reported as complete.
-    """
-    if epoch is not None and epoch != app.epoch:
-        head = await app.head(topic)
-        return TopicAck(topic, head, app.epoch, False), []
-    try:
-        replay = await app.read(topic, after, app.config.realtime.replay_max_events + 1)
-    except ApiError:
-        return TopicAck(topic, after, app.epoch, False), []
-    trimmed = replay.first > 0 and after < replay.first - 1
-    too_many = len(replay.events) > app.config.realtime.replay_max_events
-    future = after > replay.head
-    if trimmed or too_many or future:
-        return TopicAck(topic, replay.head, app.epoch, False), []
-    return TopicAck(topic, replay.head, app.epoch, True), replay.events
-
-
-def replay_to(app: App, sink: Sink, topic: str, after: int, events: list[StoredEvent]) -> None:
-    """Queue a topic's replay for a sink, then release the live events held meanwhile."""
-    last = after
-    for ev in events:
-        app.hub.queue(sink, Prepared.stored(ev).variant(sink.kind))
-        last = ev.offset
-    app.hub.release(sink, topic, last)

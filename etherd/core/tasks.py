@@ -9,7 +9,7 @@ as the store holds it (``None`` before it exists) and an *action* (a msgspec Str
 the request's fields plus ``now_ms``), and returns an ``Outcome``: the new task and the events
 to publish, in order. It never reads a clock, makes an id or touches I/O; the caller passes
 ``now_ms``, the new ``task_id`` and ``run_id``, and stores the outcome with optimistic
-concurrency on ``Task.version``. A refused action raises ``ApiError`` and changes nothing
+concurrency on ``Task.version``. A refused action raises ``Refusal`` and changes nothing
 (tasks are immutable, so "nothing" is guaranteed rather than promised).
 
 Statuses: ``queued`` (claimable), ``running`` (a run holds the lease), ``interrupted``
@@ -82,13 +82,12 @@ from typing import Any, ClassVar, Final, Literal, NamedTuple
 
 import msgspec
 
-from etherd.clock import rfc3339_ms
-from etherd.delivery import Block, Delivery, OutcomeBlock, compose, outcome_status
-from etherd.errors import ApiError
-from etherd.eventlog import NewEvent
+from etherd.core.delivery import Block, Delivery, OutcomeBlock, compose, outcome_status
+from etherd.core.errors import Refusal
+from etherd.core.events import NewEvent
+from etherd.core.rfc3339 import rfc3339_ms
 
 __all__ = [
-    "BUNDLE_SCHEMA_VERSION",
     "HARNESS_TOPIC",
     "TERMINAL",
     "TRANSITIONS",
@@ -96,8 +95,6 @@ __all__ = [
     "ActivityListUpdated",
     "Answer",
     "AnswerEntry",
-    "Bundle",
-    "Callbacks",
     "Cancel",
     "Claim",
     "Create",
@@ -105,7 +102,6 @@ __all__ = [
     "HarnessReady",
     "HarnessStep",
     "Heartbeat",
-    "HeartbeatView",
     "Interrupt",
     "LastStep",
     "Outcome",
@@ -122,13 +118,9 @@ __all__ = [
     "TimelineEntry",
     "activity_topic",
     "apply",
-    "bundle",
-    "claim_view",
-    "heartbeat_view",
     "task_topic",
 ]
 
-BUNDLE_SCHEMA_VERSION: Final = 2
 HARNESS_TOPIC: Final = "harness"
 # A title made from the prompt is cut to this many characters (an ellipsis included).
 TITLE_MAX_CHARS: Final = 80
@@ -419,16 +411,16 @@ def _lease_live(task: Task, now_ms: int) -> bool:
     return task.lease_expires_ms is not None and now_ms < task.lease_expires_ms
 
 
-def _run_mismatch(task: Task, run_id: str) -> ApiError | None:
+def _run_mismatch(task: Task, run_id: str) -> Refusal | None:
     """``run_mismatch`` when ``run_id`` is not the task's current run, else None."""
     if task.run_id is None:
-        return ApiError(
+        return Refusal(
             "run_mismatch",
             f"run {run_id} is not the current run of task {task.id}: it has no active run "
             f"(it is {task.status}; the run ended, claim the task again once it is queued)",
         )
     if run_id != task.run_id:
-        return ApiError(
+        return Refusal(
             "run_mismatch",
             f"run {run_id} is not the current run of task {task.id} (current: {task.run_id})",
         )
@@ -442,7 +434,7 @@ def _check_run(task: Task, run_id: str, now_ms: int) -> None:
         raise mismatch
     if not _lease_live(task, now_ms):
         expired = rfc3339_ms(task.lease_expires_ms or 0)
-        raise ApiError(
+        raise Refusal(
             "lease_expired",
             f"the lease of run {run_id} on task {task.id} expired at {expired}; "
             "claim the task again once it is queued",
@@ -453,7 +445,7 @@ def _text(value: str, what: str) -> str:
     """``value`` stripped, or ``unprocessable`` when it is blank."""
     stripped = value.strip()
     if not stripped:
-        raise ApiError("unprocessable", f"{what} must not be empty")
+        raise Refusal("unprocessable", f"{what} must not be empty")
     return stripped
 
 
@@ -499,7 +491,7 @@ def _claim(task: Task, a: Claim) -> _Change:
         # requeued it yet: the new claim takes over and the old run ends here.
         if _lease_live(task, a.now_ms):
             until = rfc3339_ms(task.lease_expires_ms or 0)
-            raise ApiError(
+            raise Refusal(
                 "already_claimed",
                 f"task {task.id} is already claimed by run {task.run_id} until {until}",
             )
@@ -595,13 +587,13 @@ def _interrupt(task: Task, a: Interrupt) -> _Change:
 def _answer(task: Task, a: Answer) -> _Change:
     if a.option is not None and a.option not in task.options:
         offered = ", ".join(repr(o) for o in task.options) or "none"
-        raise ApiError(
+        raise Refusal(
             "unprocessable",
             f"option {a.option!r} is not one of the options task {task.id} offered ({offered})",
         )
     text = a.answer.strip() or (a.option or "")
     if not text:
-        raise ApiError("unprocessable", "answer must not be empty (give an answer or an option)")
+        raise Refusal("unprocessable", "answer must not be empty (give an answer or an option)")
     at = rfc3339_ms(a.now_ms)
     entry = AnswerEntry(question=task.question or "", answer=text, option=a.option, at=at)
     answered: dict[str, Any] = {
@@ -647,7 +639,7 @@ def _result(task: Task, a: Result) -> _Change:
         )
         return _Change(new, [event], [entry])
 
-    blocks = compose(task, a)
+    blocks = compose(task.title, a)
     outcome = outcome_status(a.status)
     failed = outcome == "failed"
     new = msgspec.structs.replace(
@@ -679,12 +671,12 @@ def _result(task: Task, a: Result) -> _Change:
 
 def _expire(task: Task, a: Expire) -> _Change:
     if task.run_id is None:
-        raise ApiError(
+        raise Refusal(
             "conflict", f"task {task.id} holds no lease: it is {task.status} and its run ended"
         )
     if _lease_live(task, a.now_ms):
         until = rfc3339_ms(task.lease_expires_ms or 0)
-        raise ApiError(
+        raise Refusal(
             "conflict", f"the lease of run {task.run_id} on task {task.id} is valid until {until}"
         )
     # A running task goes back to the queue; an interrupted one keeps waiting for its answer,
@@ -777,7 +769,7 @@ _ALLOWED: Final[dict[type[Any], str]] = {
 }
 
 
-def _refusal(task: Task, action: Action) -> ApiError:
+def _refusal(task: Task, action: Action) -> Refusal:
     """Why the table has no entry for ``action`` in the task's status.
 
     A run call from a run that is not the task's current one is ``run_mismatch`` (its run is
@@ -794,7 +786,7 @@ def _refusal(task: Task, action: Action) -> ApiError:
         state += " and asks no question"
     elif task.status in TERMINAL:
         state += ", which is final"
-    return ApiError(
+    return Refusal(
         "invalid_transition", f"cannot {_VERBS[kind]} task {task.id}: {state} ({_ALLOWED[kind]})"
     )
 
@@ -813,13 +805,13 @@ def apply(task: Task | None, action: Action) -> Outcome:
         The new task (``version`` + 1) and the events to publish, in order.
 
     Raises:
-        ApiError: ``not_found``, ``conflict``, ``invalid_transition``, ``run_mismatch``,
+        Refusal: ``not_found``, ``conflict``, ``invalid_transition``, ``run_mismatch``,
             ``lease_expired``, ``already_claimed`` or ``unprocessable``; nothing changed.
     """
     if task is None and not isinstance(action, Create):
-        raise ApiError("not_found", f"cannot {_VERBS[type(action)]} a task that does not exist")
+        raise Refusal("not_found", f"cannot {_VERBS[type(action)]} a task that does not exist")
     if task is not None and isinstance(action, Create):
-        raise ApiError("conflict", f"task {task.id} already exists")
+        raise Refusal("conflict", f"task {task.id} already exists")
     old_status = task.status if task is not None else None
     rule = TRANSITIONS[old_status].get(type(action))
     if rule is None:
@@ -856,102 +848,3 @@ def apply(task: Task | None, action: Action) -> Outcome:
             )
             events.append(NewEvent(HARNESS_TOPIC, ready.name, _encode(ready)))
     return Outcome(new, events)
-
-
-# ---------------------------------------------------------------------------------------------
-# Views for the harness API
-
-
-class HeartbeatView(msgspec.Struct, kw_only=True, frozen=True, omit_defaults=True):
-    """The heartbeat answer: the lease, the task's status and, after an answer, the answer."""
-
-    status: Status
-    lease_expires_at: str | None
-    answer: AnswerEntry | None = None
-
-
-class Callbacks(msgspec.Struct, kw_only=True, frozen=True):
-    report_step_url: str
-    heartbeat_url: str
-    interrupt_url: str
-    result_url: str
-    websocket_topic: str
-
-
-class Bundle(msgspec.Struct, kw_only=True, frozen=True):
-    """The execution bundle (schema version 2): everything one attempt needs."""
-
-    schema_version: int = BUNDLE_SCHEMA_VERSION
-    task_id: str
-    # ``None`` in a preview of a task nobody holds.
-    run_id: str | None
-    prompt: str
-    definition_of_done: str | None
-    scope: dict[str, Any]
-    context_refs: list[Any]
-    answers: list[AnswerEntry]
-    callbacks: Callbacks
-
-
-def _lease_at(task: Task) -> str | None:
-    return None if task.lease_expires_ms is None else rfc3339_ms(task.lease_expires_ms)
-
-
-def heartbeat_view(task: Task) -> dict[str, Any]:
-    """The heartbeat response body for a task after an accepted heartbeat.
-
-    ``answer`` ({question, answer, option, at}) is present only while an answer given to the
-    live run is pending.
-    """
-    view = HeartbeatView(
-        status=task.status, lease_expires_at=_lease_at(task), answer=task.pending_answer
-    )
-    result: dict[str, Any] = msgspec.to_builtins(view)
-    return result
-
-
-def _bundle(task: Task, base_url: str) -> Bundle:
-    base = f"{base_url.rstrip('/')}/api/harness/tasks/{task.id}"
-    return Bundle(
-        task_id=task.id,
-        run_id=task.run_id,
-        prompt=task.prompt,
-        definition_of_done=task.definition_of_done,
-        scope=task.scope,
-        context_refs=task.context_refs,
-        answers=task.answers,
-        callbacks=Callbacks(
-            report_step_url=f"{base}/steps",
-            heartbeat_url=f"{base}/heartbeat",
-            interrupt_url=f"{base}/interrupt",
-            result_url=f"{base}/result",
-            websocket_topic=task_topic(task.id),
-        ),
-    )
-
-
-def bundle(task: Task, base_url: str) -> dict[str, Any]:
-    """The execution bundle of a task (contract section 7).
-
-    Args:
-        task: the task; its current ``run_id`` is included (``None`` for a preview).
-        base_url: the public base URL, e.g. ``https://ether.example``; callback URLs are
-            absolute under it.
-    """
-    result: dict[str, Any] = msgspec.to_builtins(_bundle(task, base_url))
-    return result
-
-
-class _ClaimView(msgspec.Struct, kw_only=True, frozen=True):
-    run_id: str | None
-    lease_expires_at: str | None
-    bundle: Bundle
-
-
-def claim_view(task: Task, base_url: str) -> dict[str, Any]:
-    """The claim response body: ``run_id``, ``lease_expires_at`` and the ``bundle``."""
-    view = _ClaimView(
-        run_id=task.run_id, lease_expires_at=_lease_at(task), bundle=_bundle(task, base_url)
-    )
-    result: dict[str, Any] = msgspec.to_builtins(view)
-    return result

@@ -1,0 +1,125 @@
+"""What every route needs: the route and handler types, request dispatch (every refusal
+becomes its JSON error), authentication, JSON bodies and ``Idempotency-Key``.
+
+Handlers take a parsed ``Request`` and the path parameters and return a ``Response`` (or a
+``Stream`` or an ``Upgrade``); refusals are raised as ``Refusal`` and rendered by
+``Dispatcher``, which is also the one place an unexpected exception becomes a 500.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import NamedTuple, TypeVar
+
+import msgspec
+
+from etherd.core.auth import Authenticator, AuthError, Principal
+from etherd.core.errors import Refusal
+from etherd.core.events import Idempotency, IdempotentAnswer
+from etherd.core.wire import ENCODER
+from etherd.edge.http.request import Request
+from etherd.edge.http.response import Headers, Response, Result, error_response
+from etherd.edge.http.router import LabelledRouter
+
+__all__ = [
+    "Dispatcher",
+    "Handler",
+    "Route",
+    "answer_of",
+    "authenticate",
+    "decode_json",
+    "idempotency",
+    "json_response",
+]
+
+log = logging.getLogger("etherd")
+
+T = TypeVar("T")
+Handler = Callable[[Request, dict[str, str]], Awaitable[Result]]
+
+
+class Route(NamedTuple):
+    """One entry of the route table."""
+
+    method: str
+    template: str
+    handler: Handler
+
+
+class Dispatcher:
+    """Routes a request and turns every refusal into its JSON error response."""
+
+    def __init__(self, router: LabelledRouter[Handler]) -> None:
+        self.router = router
+
+    async def __call__(self, request: Request) -> Result:
+        try:
+            handler, params = self.router.resolve(request.method, request.path)
+            return await handler(request, params)
+        except Refusal as exc:
+            headers: Headers = ()
+            if exc.code == "unauthorized":
+                headers = ((b"WWW-Authenticate", b'Bearer realm="etherd"'),)
+            elif exc.code == "upgrade_required":
+                headers = ((b"Upgrade", b"websocket"), (b"Sec-WebSocket-Version", b"13"))
+            return error_response(exc, headers)
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(Refusal("internal", "the server failed this request"))
+
+
+def json_response(status: int, body: object) -> Response:
+    """A JSON response from a Struct or plain data."""
+    return Response(status, ENCODER.encode(body))
+
+
+def answer_of(answer: tuple[int, bytes] | IdempotentAnswer) -> Response:
+    """The response of a change: its own answer, or the one stored for an earlier retry."""
+    if isinstance(answer, IdempotentAnswer):
+        return Response(answer.status, answer.body, headers=((b"Idempotent-Replayed", b"true"),))
+    return Response(answer[0], answer[1])
+
+
+def authenticate(auth: Authenticator, request: Request, *, query_token: bool = False) -> Principal:
+    """The caller's principal from ``Authorization: Bearer`` (or ``?token=`` when allowed)."""
+    try:
+        header = request.headers.get("authorization")
+        if header is None and query_token:
+            token = request.param("token")
+            if token is not None:
+                return auth.verify(token)
+        return auth.bearer(header)
+    except AuthError as exc:
+        raise Refusal(exc.code, exc.message) from None
+
+
+def decode_json(request: Request, typ: type[T]) -> T:
+    """Decode a JSON body into a Struct: 415 if not JSON, 400 if malformed, 422 if invalid."""
+    ctype = request.headers.get("content-type", "")
+    if ctype.split(";", 1)[0].strip().lower() != "application/json":
+        raise Refusal(
+            "unsupported_media_type",
+            f"expected Content-Type: application/json, got {ctype or 'none'!r}",
+        )
+    try:
+        return msgspec.json.decode(request.body, type=typ)
+    except msgspec.ValidationError as exc:
+        raise Refusal("unprocessable", f"invalid body: {exc}") from None
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        raise Refusal("bad_request", f"body is not valid JSON: {exc}") from None
+
+
+def idempotency(request: Request, principal: Principal, max_chars: int) -> Idempotency | None:
+    """The request's ``Idempotency-Key``, scoped to the caller and route, if any."""
+    key = request.headers.get("idempotency-key")
+    if key is None:
+        return None
+    if not key or len(key) > max_chars:
+        raise Refusal(
+            "bad_request",
+            f"Idempotency-Key must be 1 to {max_chars} chars (http.max_idempotency_key_chars)",
+        )
+    fingerprint = hashlib.sha256(request.body).hexdigest()
+    return Idempotency(key, f"{principal.sub}:{request.method}:{request.path}", fingerprint)

@@ -1,0 +1,146 @@
+"""Realtime routes: the WebSocket upgrade at ``/api/realtime``, Server-Sent Events at
+``/api/events``, ``/api/realtime/config``, and the conformance echo endpoint.
+
+An upgrade is authenticated here, before any WebSocket byte is exchanged, so a refused
+client gets the same JSON error as any HTTP route (401, 403, 429, 503); a malformed
+handshake gets 400 or 426 before the framing layer ever sees it.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+
+from etherd.core.auth import Authenticator
+from etherd.core.errors import Refusal
+from etherd.core.topics import TopicError, is_pattern, validate_pattern
+from etherd.edge.api.common import Route, authenticate, json_response
+from etherd.edge.http.request import Request
+from etherd.edge.http.response import Response, Stream, Upgrade
+from etherd.edge.http.sse import SseStream
+from etherd.edge.ws.framing import Echo, handoff
+from etherd.edge.ws.session import Session
+from etherd.services.realtime import Realtime
+
+__all__ = ["RealtimeRoutes", "check_handshake"]
+
+
+class RealtimeRoutes:
+    """WebSocket, SSE and the realtime configuration."""
+
+    def __init__(self, auth: Authenticator, realtime: Realtime) -> None:
+        self.auth = auth
+        self.realtime = realtime
+
+    def routes(self) -> list[Route]:
+        """The route table entries (the echo endpoint only when ``ws.echo_path`` is set)."""
+        table = [
+            Route("GET", "/api/realtime", lambda req, p: self.upgrade(req)),
+            Route("GET", "/api/realtime/config", lambda req, p: self.client_config(req)),
+            Route("GET", "/api/events", lambda req, p: self.events(req, req.param("topic"))),
+        ]
+        echo_path = self.realtime.config.ws.echo_path
+        if echo_path:
+            table.append(Route("GET", echo_path, lambda req, p: self.echo(req)))
+        return table
+
+    async def upgrade(self, request: Request) -> Upgrade:
+        """``GET /api/realtime``: authenticate, then hand the connection to the framing."""
+        if not request.upgrade or request.headers.get("upgrade", "").lower() != "websocket":
+            raise Refusal("upgrade_required", "this endpoint speaks WebSocket; send an upgrade")
+        check_handshake(request)
+        realtime = self.realtime
+        if realtime.state.draining:
+            raise Refusal("not_ready", "draining: the server is stopping")
+        principal = authenticate(self.auth, request, query_token=True)
+        config = realtime.config
+        limit = config.ws.max_connections_per_subject
+        connections = realtime.connections
+        if connections.subjects[principal.sub] >= limit:
+            raise Refusal(
+                "rate_limited",
+                f"{principal.sub} already has {limit} connections (ws.max_connections_per_subject)",
+            )
+        if len(connections.sessions) >= config.server.max_connections:
+            raise Refusal("overloaded", "too many connections; retry shortly")
+        session = Session(realtime, principal, request.peer)
+        max_frame = config.ws.max_message_bytes
+        return Upgrade(
+            lambda transport, req, tail: handoff(
+                transport, req.headers, tail, session, max_frame_bytes=max_frame
+            )
+        )
+
+    async def echo(self, request: Request) -> Upgrade:
+        """The conformance-suite echo peer (only when ``ws.echo_path`` is set)."""
+        if not request.upgrade:
+            raise Refusal("upgrade_required", "this endpoint speaks WebSocket; send an upgrade")
+        check_handshake(request)
+        cfg = self.realtime.config.ws
+        return Upgrade(
+            lambda transport, req, tail: handoff(
+                transport,
+                req.headers,
+                tail,
+                Echo(cfg.max_message_bytes, cfg.close_grace_s),
+                max_frame_bytes=cfg.max_message_bytes,
+            )
+        )
+
+    async def client_config(self, request: Request) -> Response:
+        """``GET /api/realtime/config``: how clients should connect."""
+        config = self.realtime.config
+        base = config.public_url
+        ws_base = "ws" + base[4:] if base.startswith("http") else base
+        return json_response(
+            200,
+            {
+                "prefer_websocket": config.realtime.prefer_websocket,
+                "websocket_url": ws_base + "/api/realtime",
+                "sse_url": base + "/api/events",
+                "replay_max_events": config.realtime.replay_max_events,
+            },
+        )
+
+    async def events(self, request: Request, topic: str | None) -> Stream:
+        """Server-Sent Events for one topic, resuming from ``Last-Event-ID`` or ``?since=``."""
+        principal = authenticate(self.auth, request, query_token=True)
+        if not topic:
+            raise Refusal("bad_request", "missing ?topic= (the topic to stream)")
+        try:
+            validate_pattern(topic)
+        except TopicError as exc:
+            raise Refusal("unprocessable", str(exc)) from None
+        reason = await self.realtime.authorize(principal, topic)
+        if reason is not None:
+            raise Refusal("forbidden", reason)
+        since_text = request.headers.get("last-event-id") or request.param("since")
+        since: int | None = None
+        if since_text is not None and since_text != "":
+            if not since_text.isdigit():
+                raise Refusal(
+                    "bad_request",
+                    f"since / Last-Event-ID must be an offset, got {since_text[:40]!r}",
+                )
+            if is_pattern(topic):
+                raise Refusal("bad_request", "resume applies to concrete topics, not to patterns")
+            since = int(since_text)
+        stream = SseStream(self.realtime, principal, topic, since)
+        return Stream(stream.start)
+
+
+def check_handshake(request: Request) -> None:
+    """Refuse a malformed handshake with a JSON error before the framing sees it
+    (RFC 6455 section 4.2.1)."""
+    version = request.headers.get("sec-websocket-version", "")
+    if version.strip() != "13":
+        raise Refusal("upgrade_required", f"Sec-WebSocket-Version must be 13, got {version[:20]!r}")
+    key = request.headers.get("sec-websocket-key", "").strip()
+    try:
+        raw = base64.b64decode(key, validate=True)
+    except (ValueError, binascii.Error):
+        raw = b""
+    if len(raw) != 16:
+        raise Refusal(
+            "bad_request", "Sec-WebSocket-Key must be 16 random bytes in base64 (RFC 6455 4.1)"
+        )

@@ -1,0 +1,374 @@
+"""HTTP/1.1 on httptools: keep-alive, ordered pipelining, limits, timeouts, and the hand-off
+of a connection to a stream (Server-Sent Events) or to WebSocket framing.
+
+One ``HttpConnection`` per TCP connection. Requests are parsed as bytes arrive and queued;
+one coroutine per busy connection answers them in order (RFC 9112 section 9.3.2), so a
+handler may await a commit without reordering responses. Reading pauses when too many
+requests are queued. Every refusal is a JSON error body (contract section 8); a parse error
+also closes the connection, since the byte stream can no longer be trusted.
+
+Limits: ``http.max_header_bytes`` (request line and headers, 431), ``http.max_headers``
+(431), ``http.max_body_bytes`` (413, checked against Content-Length before the body is
+read, and while a chunked body arrives), ``http.request_timeout_s`` (a request must arrive
+whole in time, else 408), ``http.keepalive_timeout_s`` (idle connections close),
+``http.max_pipelined`` and ``http.max_inflight`` (server-wide, 503 past it),
+``http.write_high_water_bytes`` (the transport's high-water mark).
+
+The connection knows nothing of routes or services: it gets a ``dispatch`` callable that
+turns a request into a result, the route table's ``methods`` for CORS preflights, an
+``on_response`` hook (metrics, access log) and the shared ``ServerState``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import cast
+
+import httptools
+
+from etherd.core.errors import Refusal
+from etherd.edge.http.cors import Cors, is_preflight, policy
+from etherd.edge.http.request import Request
+from etherd.edge.http.response import (
+    STATUS,
+    Response,
+    Result,
+    Stream,
+    Upgrade,
+    error_response,
+    render,
+)
+from etherd.services.state import ServerState
+
+__all__ = ["Dispatch", "HttpConnection"]
+
+log = logging.getLogger("etherd.http")
+
+Dispatch = Callable[[Request], Awaitable[Result]]
+OnResponse = Callable[[Request | None, int], None]
+
+
+class _Incoming:
+    """A request being parsed."""
+
+    __slots__ = ("body", "head_bytes", "header_count", "headers", "url")
+
+    def __init__(self) -> None:
+        self.head_bytes = 0
+        self.url = b""
+        self.headers: dict[str, str] = {}
+        self.header_count = 0
+        self.body = bytearray()
+
+
+class HttpConnection(asyncio.Protocol):
+    """One client connection: parse, queue, answer in order; maybe stream or upgrade."""
+
+    def __init__(
+        self,
+        state: ServerState,
+        dispatch: Dispatch,
+        methods: Callable[[str], list[str]],
+        on_response: OnResponse,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.state = state
+        self._dispatch = dispatch
+        self._methods = methods
+        self._on_response = on_response
+        # Kept, not asked for per request: on 3.11 get_running_loop() is a getpid() call.
+        self._loop = loop
+        cfg = state.config.http
+        self._max_head = cfg.max_header_bytes
+        self._max_headers = cfg.max_headers
+        self._max_body = cfg.max_body_bytes
+        self._max_pipelined = cfg.max_pipelined
+        self._cors: Cors | None = policy(tuple(cfg.cors_origins)) if cfg.cors_origins else None
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.peer = "-"
+        self._incoming: _Incoming | None = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._completed = 0
+        self._queue: deque[Request] = deque()
+        self._busy = False
+        self._reading_paused = False
+        self._closing = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._upgrade_tail: bytearray | None = None
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    # -- connection ------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports implement asyncio.Transport without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "-")
+        self.state.connections.http.add(self)
+        transport.set_write_buffer_limits(high=self.state.config.http.write_high_water_bytes)
+        self._arm(self.state.config.http.keepalive_timeout_s, self._idle_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._closing = True
+        self._disarm()
+        self.state.connections.http.discard(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgrade_tail is not None:
+            self._upgrade_tail += data
+            return
+        if self._closing:
+            return
+        completed = self._completed
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:
+            offset = exc.args[0] if exc.args else len(data)
+            self._upgrade_tail = bytearray(data[offset:])
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            if isinstance(cause, Refusal):
+                self._fail(cause)
+            else:
+                log.exception("HTTP callback failed", exc_info=cause)
+                self._fail(Refusal("internal", "the server failed to read the request"))
+        except httptools.HttpParserError as exc:
+            self._fail(Refusal("bad_request", f"malformed HTTP request: {exc}"))
+        else:
+            # httptools buffers a header line until it is whole, so a head that never ends
+            # is caught here, by the bytes received since the last complete request.
+            if self._in_head and completed == self._completed:
+                self._head_bytes += len(data)
+                if self._head_bytes > self._max_head:
+                    self._refuse_head()
+
+    def _refuse_head(self) -> None:
+        self._fail(
+            Refusal(
+                "headers_too_large",
+                f"request line and headers exceed {self._max_head} bytes (http.max_header_bytes)",
+            )
+        )
+
+    # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._incoming = _Incoming()
+        self._arm(self.state.config.http.request_timeout_s, self._request_timeout)
+
+    def on_url(self, url: bytes) -> None:
+        assert self._incoming is not None
+        self._incoming.url += url
+        self._count_head(len(url))
+
+    def _count_head(self, n: int) -> None:
+        inc = self._incoming
+        assert inc is not None
+        inc.head_bytes += n
+        if inc.head_bytes > self._max_head:
+            raise Refusal(
+                "headers_too_large",
+                f"request line and headers exceed {self._max_head} bytes (http.max_header_bytes)",
+            )
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        inc = self._incoming
+        assert inc is not None
+        inc.header_count += 1
+        if inc.header_count > self._max_headers:
+            raise Refusal(
+                "headers_too_large",
+                f"more than {self._max_headers} header fields (http.max_headers)",
+            )
+        self._count_head(len(name) + len(value) + 4)
+        key = name.decode("latin-1").lower()
+        text = value.decode("latin-1")
+        prev = inc.headers.get(key)
+        inc.headers[key] = text if prev is None else prev + ", " + text
+
+    def on_headers_complete(self) -> None:
+        inc = self._incoming
+        assert inc is not None
+        # From here on the head is complete; body bytes are counted in on_body.
+        self._in_head = False
+        length = inc.headers.get("content-length")
+        if length is not None:
+            if not length.isdigit():
+                raise Refusal("bad_request", f"Content-Length must be digits, got {length!r}")
+            if int(length) > self._max_body:
+                raise Refusal(
+                    "payload_too_large",
+                    f"body of {length} bytes exceeds {self._max_body} (http.max_body_bytes)",
+                )
+        if inc.headers.get("expect", "").lower() == "100-continue" and self.transport:
+            self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def on_body(self, body: bytes) -> None:
+        inc = self._incoming
+        assert inc is not None
+        inc.body += body
+        if len(inc.body) > self._max_body:
+            raise Refusal(
+                "payload_too_large",
+                f"body exceeds {self._max_body} bytes (http.max_body_bytes)",
+            )
+
+    def on_message_complete(self) -> None:
+        inc = self._incoming
+        assert inc is not None
+        self._incoming = None
+        self._in_head = True
+        self._head_bytes = 0
+        self._completed += 1
+        self._disarm()
+        url = inc.url.decode("latin-1")
+        path, _, query = url.partition("?")
+        parser = self._parser
+        request = Request(
+            parser.get_method().decode("ascii"),
+            path,
+            query,
+            inc.headers,
+            bytes(inc.body),
+            parser.should_keep_alive(),
+            parser.should_upgrade(),
+            self.peer,
+        )
+        self._queue.append(request)
+        if len(self._queue) >= self._max_pipelined and self.transport and not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pause_reading()
+        if not self._busy:
+            self._busy = True
+            self._loop.create_task(self._serve())
+
+    # -- answering -------------------------------------------------------------------------
+
+    async def _serve(self) -> None:
+        state = self.state
+        try:
+            while self._queue and not self._closing:
+                request = self._queue.popleft()
+                if self._reading_paused and len(self._queue) < self._max_pipelined // 2:
+                    self._reading_paused = False
+                    if self.transport:
+                        self.transport.resume_reading()
+                if state.inflight >= state.config.http.max_inflight:
+                    result: Result = error_response(
+                        Refusal("overloaded", "too many requests in flight; retry shortly")
+                    )
+                else:
+                    state.inflight += 1
+                    try:
+                        if is_preflight(request):
+                            result = (self._cors or policy(())).preflight(request, self._methods)
+                        else:
+                            result = await self._dispatch(request)
+                    finally:
+                        state.inflight -= 1
+                if not self._answer(request, result):
+                    return
+        finally:
+            self._busy = False
+        if not self._closing and self._incoming is None:
+            self._arm(state.config.http.keepalive_timeout_s, self._idle_timeout)
+
+    def _answer(self, request: Request, result: Result) -> bool:
+        """Write one answer; False when the connection stops serving requests."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return False
+        if isinstance(result, Upgrade):
+            tail = bytes(self._upgrade_tail or b"")
+            self._upgrade_tail = None
+            self._closing = True
+            self._disarm()
+            self.state.connections.http.discard(self)
+            result.handoff(transport, request, tail)
+            return False
+        cors = self._cors.headers_for(request) if self._cors is not None else ()
+        if isinstance(result, Stream):
+            self._closing = True
+            self._disarm()
+            self.state.connections.http.discard(self)
+            result.start(transport, cors)
+            self._on_response(request, 200)
+            return False
+        if cors:
+            result = Response(
+                result.status, result.body, result.content_type, result.headers + cors
+            )
+        keep_alive = (
+            request.keep_alive
+            and not request.upgrade
+            and not self.state.draining
+            and self._upgrade_tail is None
+        )
+        transport.write(render(result, keep_alive, head_only=request.method == "HEAD"))
+        self._on_response(request, result.status)
+        if not keep_alive:
+            self._closing = True
+            transport.close()
+            return False
+        return True
+
+    # -- failure and timers ----------------------------------------------------------------
+
+    def _fail(self, exc: Refusal) -> None:
+        """Answer a request that could not be parsed, then close: the stream is lost."""
+        self._closing = True
+        self._disarm()
+        self._incoming = None
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(render(error_response(exc), keep_alive=False))
+            transport.close()
+        self._on_response(None, STATUS[exc.code])
+
+    def _arm(self, delay: float, callback: Callable[[], None]) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, callback)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _request_timeout(self) -> None:
+        self._timer = None
+        if self._incoming is not None:
+            self._fail(
+                Refusal(
+                    "request_timeout",
+                    f"the request did not arrive whole within "
+                    f"{self.state.config.http.request_timeout_s:g} s (http.request_timeout_s)",
+                )
+            )
+
+    def _idle_timeout(self) -> None:
+        self._timer = None
+        if not self._busy and not self._queue and self._incoming is None and self.transport:
+            self._closing = True
+            self.transport.close()
+
+    def close_if_idle(self) -> bool:
+        """Close a keep-alive connection that has nothing in progress (for shutdown)."""
+        if not self._busy and not self._queue and self._incoming is None and self.transport:
+            self._closing = True
+            self.transport.close()
+            return True
+        return False
+
+    @property
+    def busy(self) -> bool:
+        """Whether a request is being answered or waiting to be."""
+        return self._busy or bool(self._queue)

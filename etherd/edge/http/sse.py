@@ -1,0 +1,139 @@
+"""A Server-Sent Events stream: the HTTP connection handed over to one topic's events.
+
+Once an SSE route has authorised a request, the HTTP connection gives its transport to an
+``SseStream``, which becomes the transport's protocol (the HTTP parser and its buffers are
+freed), writes the response head, subscribes to the topic and, when the client resumes
+(``Last-Event-ID`` or ``?since=``), replays what it missed before going live, with no gap
+and no duplicate (the hub holds live events meanwhile). An unrecoverable position is told
+with a named ``reset`` event, after which the stream goes live from the head.
+
+The stream is a hub sink: each event is one HTTP chunk (``core.frames.sse_event``), and a
+stream whose unsent bytes pass ``http.max_pending_bytes`` is dropped as a slow consumer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Final
+
+from etherd.core.auth import Principal
+from etherd.core.frames import sse_chunk
+from etherd.core.hub import KIND_SSE, Resuming, Segment
+from etherd.core.wire import ENCODER
+from etherd.edge.http.response import Headers, http_date
+from etherd.services.realtime import Realtime
+
+__all__ = ["HEARTBEAT", "SseStream"]
+
+log = logging.getLogger("etherd.sse")
+
+HEARTBEAT: Final = sse_chunk(b": heartbeat\n\n")
+_LAST_CHUNK: Final = b"0\r\n\r\n"
+
+
+class SseStream(asyncio.Protocol):
+    """One SSE response: a hub sink subscribed to one topic (see the module docstring)."""
+
+    kind = KIND_SSE
+
+    def __init__(
+        self, realtime: Realtime, principal: Principal, topic: str, since: int | None
+    ) -> None:
+        self.realtime = realtime
+        self.principal = principal
+        self.topic = topic
+        self.since = since
+        self.transport: asyncio.Transport | None = None
+        # Hub sink state.
+        self.pending: list[bytes | Segment] = []
+        self.resuming: dict[str, Resuming] | None = None
+        self.alive = False
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    @property
+    def expires_at(self) -> float | None:
+        """When the stream's token expires (unix seconds), if it does."""
+        return self.principal.exp
+
+    # -- start -----------------------------------------------------------------------------
+
+    def start(self, transport: asyncio.Transport, headers: Headers) -> None:
+        """Take the connection over: write the head, subscribe, replay when resuming."""
+        self.transport = transport
+        self.alive = True
+        transport.set_protocol(self)
+        extra = b"".join(name + b": " + value + b"\r\n" for name, value in headers)
+        transport.write(
+            b"HTTP/1.1 200 OK\r\nDate: " + http_date() + b"\r\nServer: etherd\r\n"
+            b"Content-Type: text/event-stream; charset=utf-8\r\nCache-Control: no-cache\r\n"
+            b"X-Accel-Buffering: no\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n"
+            + extra
+            + b"\r\n"
+        )
+        hub = self.realtime.hub
+        topic = self.topic
+        self.realtime.connections.streams.add(self)
+        if self.since is not None:
+            hub.hold(self, topic, self.since)
+        hub.subscribe(topic, self)
+        hub.queue(self, sse_chunk(b": etherd stream " + topic.encode() + b"\n\n"))
+        if self.since is not None:
+            asyncio.get_running_loop().create_task(self._replay(self.since))
+
+    async def _replay(self, since: int) -> None:
+        hub = self.realtime.hub
+        resumed = await self.realtime.resume(self.topic, since, None)
+        if not self.alive:
+            return
+        if not resumed.recovered:
+            # The client must reload state: say so with a named event, then go live.
+            body = ENCODER.encode(
+                {"topic": self.topic, "offset": resumed.offset, "epoch": self.realtime.epoch}
+            )
+            hub.queue(self, sse_chunk(b"event: reset\ndata: " + body + b"\n\n"))
+            hub.replay(self, self.topic, resumed.offset, [])
+            return
+        hub.replay(self, self.topic, since, resumed.events)
+
+    # -- protocol --------------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        # The client has nothing to say on an event stream; what it sends is dropped.
+        return
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.alive = False
+        hub = self.realtime.hub
+        hub.unsubscribe(self.topic, self)
+        hub.forget(self, self.topic)
+        self.pending.clear()
+        self.realtime.connections.streams.discard(self)
+
+    # -- sink ------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Write stream bytes; drop the stream when its unsent bytes pass the cap."""
+        transport = self.transport
+        if transport is None or not self.alive:
+            return
+        transport.write(data)
+        if transport.get_write_buffer_size() > self.realtime.config.http.max_pending_bytes:
+            self.realtime.connections.slow_consumer_closes["sse"] += 1
+            self.alive = False
+            transport.abort()
+
+    def heartbeat(self) -> None:
+        """A comment line, so proxies keep a quiet stream open."""
+        if self.alive:
+            self.realtime.hub.queue(self, HEARTBEAT)
+
+    def end(self) -> None:
+        """Finish the response with the last chunk and close."""
+        transport = self.transport
+        if transport is not None and self.alive:
+            self.alive = False
+            transport.write(_LAST_CHUNK)
+            transport.close()

@@ -1,0 +1,59 @@
+"""What a realtime connection (WebSocket session or SSE stream) needs from the server.
+
+``Realtime`` is the narrow interface the WebSocket session and the SSE routes are built on:
+the hub they subscribe to and queue on, topic authorisation (which needs the task's owner
+and holder from the log), where a topic stands, the resume read, the registry they are
+tracked in and the configuration in force. The session knows nothing else of the server.
+"""
+
+from __future__ import annotations
+
+from etherd.core.auth import Authenticator, Principal, may_subscribe
+from etherd.core.config import Config
+from etherd.core.hub import Hub
+from etherd.services.eventlog import EventLog, Resumed
+from etherd.services.state import Connections, ServerState
+
+__all__ = ["Realtime"]
+
+
+class Realtime:
+    """Subscriptions, positions and resumes for realtime connections."""
+
+    def __init__(
+        self, hub: Hub, eventlog: EventLog, auth: Authenticator, state: ServerState
+    ) -> None:
+        self.hub = hub
+        self.eventlog = eventlog
+        self.auth = auth
+        self.state = state
+
+    @property
+    def config(self) -> Config:
+        """The configuration in force (re-read at use: reloads apply)."""
+        return self.state.config
+
+    @property
+    def connections(self) -> Connections:
+        """The registry sessions and streams are tracked in."""
+        return self.state.connections
+
+    @property
+    def epoch(self) -> str:
+        """The log's epoch."""
+        return self.eventlog.epoch
+
+    async def authorize(self, principal: Principal, topic: str) -> str | None:
+        """None if ``principal`` may subscribe to ``topic`` (validated), else why not."""
+        facts = await self.eventlog.task_facts(topic)
+        return may_subscribe(principal, topic, facts)
+
+    async def head(self, topic: str) -> int:
+        """The topic's newest offset (0 when never written or unknown now)."""
+        return await self.eventlog.head(topic)
+
+    async def resume(self, topic: str, after: int, epoch: str | None) -> Resumed:
+        """What a client that has ``after`` of ``topic`` missed, within the replay cap."""
+        return await self.eventlog.resume(
+            topic, after, epoch, self.state.config.realtime.replay_max_events
+        )
