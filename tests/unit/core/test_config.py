@@ -11,7 +11,7 @@ import pytest
 from etherd.core.config import Config, ConfigError, masked
 from etherd.edge.ops.configfile import load
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 SHIPPED = ROOT / "conf" / "etherd.toml"
 # Keys the shipped file documents in comments rather than setting (no usable default value).
 COMMENTED = {("auth", "dev"), ("store", "retention")}

@@ -1,0 +1,264 @@
+"""``HttpConnection`` over a fake transport: no sockets, a real event loop.
+
+Pipelined requests are answered strictly in request order even when a later one finishes
+first; every limit is gone over; the request and keep-alive timers fire.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import msgspec
+import pytest
+
+from etherd.core.config import Config
+from etherd.edge.http.protocol import HttpConnection
+from etherd.edge.http.request import Request
+from etherd.edge.http.response import Response, Result
+from etherd.services.state import ServerState
+
+
+class FakeTransport:
+    """Records what the protocol writes and asks of its transport."""
+
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self.closed = False
+        self.reading = True
+        self.limits: dict[str, int | None] = {}
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 5555) if name == "peername" else default
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self.limits = {"high": high, "low": low}
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed, "write after close"
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def responses(self) -> list[tuple[int, bytes]]:
+        """(status, body) of every complete response written so far."""
+        out = []
+        data = bytes(self.written)
+        while data:
+            head, _, rest = data.partition(b"\r\n\r\n")
+            lines = head.split(b"\r\n")
+            status = int(lines[0].split()[1])
+            length = 0
+            for line in lines[1:]:
+                name, _, value = line.partition(b": ")
+                if name.lower() == b"content-length":
+                    length = int(value)
+            out.append((status, rest[:length]))
+            data = rest[length:]
+        return out
+
+
+def config(**http: Any) -> Config:
+    return msgspec.convert({"http": http}, Config)
+
+
+class Harness:
+    """A connection, its fake transport, and the requests its dispatch saw."""
+
+    def __init__(
+        self, cfg: Config, dispatch: Callable[[Request], Awaitable[Result]] | None = None
+    ) -> None:
+        self.state = ServerState(cfg)
+        self.seen: list[str] = []
+        self.answered: list[tuple[str | None, int]] = []
+
+        async def echo(request: Request) -> Result:
+            self.seen.append(request.path)
+            return Response(200, request.path.encode())
+
+        self.transport = FakeTransport()
+        self.conn = HttpConnection(
+            self.state,
+            dispatch or echo,
+            lambda path: ["GET"],
+            lambda req, status: self.answered.append((req.path if req else None, status)),
+            asyncio.get_running_loop(),
+        )
+        self.conn.connection_made(self.transport)  # type: ignore[arg-type]
+
+    def feed(self, data: bytes) -> None:
+        self.conn.data_received(data)
+
+
+async def settle(rounds: int = 5) -> None:
+    for _ in range(rounds):
+        await asyncio.sleep(0)
+
+
+def get(path: str, extra: str = "") -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n{extra}\r\n".encode()
+
+
+def test_pipelined_requests_are_answered_in_request_order() -> None:
+    async def go() -> list[tuple[int, bytes]]:
+        release: dict[str, asyncio.Future[None]] = {}
+
+        async def dispatch(request: Request) -> Result:
+            fut = asyncio.get_running_loop().create_future()
+            release[request.path] = fut
+            await fut
+            return Response(200, request.path.encode())
+
+        h = Harness(Config(), dispatch)
+        h.feed(get("/a") + get("/b") + get("/c"))
+        # Finish whatever is being handled, latest request first: the answers must still
+        # leave in request order.
+        for _ in range(20):
+            for path in ("/c", "/b", "/a"):
+                fut = release.get(path)
+                if fut is not None and not fut.done():
+                    fut.set_result(None)
+                    await settle()
+            await settle()
+        return h.transport.responses()
+
+    assert asyncio.run(go()) == [(200, b"/a"), (200, b"/b"), (200, b"/c")]
+
+
+def test_too_many_pipelined_requests_pause_reading() -> None:
+    async def go() -> tuple[bool, bool, int]:
+        gate = asyncio.Event()
+
+        async def dispatch(request: Request) -> Result:
+            await gate.wait()
+            return Response(200)
+
+        h = Harness(config(max_pipelined=4), dispatch)
+        h.feed(b"".join(get(f"/{n}") for n in range(6)))
+        await settle()
+        paused = not h.transport.reading
+        gate.set()
+        await settle(40)
+        return paused, h.transport.reading, len(h.transport.responses())
+
+    assert asyncio.run(go()) == (True, True, 6)
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "fragment"),
+    [
+        (get("/", "X-Big: " + "a" * 600 + "\r\n"), 431, b"http.max_header_bytes"),
+        (get("/", "".join(f"X-{n}: v\r\n" for n in range(12))), 431, b"http.max_headers"),
+        (
+            b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 2000\r\n\r\n",
+            413,
+            b"http.max_body_bytes",
+        ),
+        (b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: zz\r\n\r\n", 400, b""),
+        (b"NOT HTTP AT ALL\r\n\r\n", 400, b"malformed"),
+    ],
+)
+def test_limits_and_malformed_requests_answer_then_close(
+    data: bytes, status: int, fragment: bytes
+) -> None:
+    async def go() -> FakeTransport:
+        h = Harness(config(max_header_bytes=512, max_headers=10, max_body_bytes=1000))
+        h.feed(data)
+        await settle()
+        assert h.seen == []
+        return h.transport
+
+    transport = asyncio.run(go())
+    ((got, body),) = transport.responses()
+    assert got == status
+    assert fragment in body
+    assert transport.closed
+
+
+def test_a_head_that_never_ends_is_refused_by_size() -> None:
+    async def go() -> FakeTransport:
+        h = Harness(config(max_header_bytes=512))
+        h.feed(b"GET / HTTP/1.1\r\nX-Slow: ")
+        for _ in range(10):
+            h.feed(b"a" * 100)
+        await settle()
+        return h.transport
+
+    transport = asyncio.run(go())
+    assert transport.responses()[0][0] == 431 and transport.closed
+
+
+def test_too_many_requests_in_flight_answer_503() -> None:
+    async def go() -> list[tuple[int, bytes]]:
+        h = Harness(config(max_inflight=1))
+        h.state.inflight = 1  # another connection's request is being handled
+        h.feed(get("/x"))
+        await settle()
+        return h.transport.responses()
+
+    ((status, body),) = asyncio.run(go())
+    assert status == 503 and b"overloaded" in body
+
+
+def test_request_timeout_answers_408() -> None:
+    async def go() -> FakeTransport:
+        h = Harness(config(request_timeout_s=0.05))
+        h.feed(b"GET / HTTP/1.1\r\nHost:")
+        await asyncio.sleep(0.15)
+        return h.transport
+
+    transport = asyncio.run(go())
+    ((status, body),) = transport.responses()
+    assert status == 408 and b"http.request_timeout_s" in body and transport.closed
+
+
+def test_idle_keepalive_connection_closes() -> None:
+    async def go() -> tuple[bool, bool]:
+        h = Harness(config(keepalive_timeout_s=0.05))
+        h.feed(get("/x"))
+        await settle()
+        open_after_answer = not h.transport.closed
+        await asyncio.sleep(0.15)
+        return open_after_answer, h.transport.closed
+
+    assert asyncio.run(go()) == (True, True)
+
+
+def test_connection_close_is_honoured_and_the_write_limit_set() -> None:
+    async def go() -> Harness:
+        h = Harness(config(write_high_water_bytes=12345))
+        h.feed(get("/x", "Connection: close\r\n"))
+        await settle()
+        return h
+
+    h = asyncio.run(go())
+    assert h.transport.responses() == [(200, b"/x")]
+    assert h.transport.closed
+    assert h.transport.limits["high"] == 12345
+    assert h.answered == [("/x", 200)]
+
+
+def test_100_continue_is_sent_before_the_body() -> None:
+    async def go() -> bytes:
+        h = Harness(Config())
+        h.feed(b"POST /x HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\n")
+        early = bytes(h.transport.written)
+        h.feed(b"hi")
+        await settle()
+        return early
+
+    assert asyncio.run(go()) == b"HTTP/1.1 100 Continue\r\n\r\n"
