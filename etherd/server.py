@@ -58,6 +58,7 @@ from etherd.edge.ops.systemd import Notifier, listen_fds, watchdog_interval
 from etherd.services.broker import LocalBroker
 from etherd.services.eventlog import EventLog
 from etherd.services.keepalive import Keepalive
+from etherd.services.publisher import Publisher
 from etherd.services.realtime import Realtime
 from etherd.services.retention import Retention
 from etherd.services.state import ServerState
@@ -108,7 +109,8 @@ class Services:
             on_committed=self.broker.committed,
         )
         self.eventlog = eventlog = EventLog(self.store, self.batcher)
-        self.realtime = realtime = Realtime(hub, eventlog, self.auth, state)
+        self.publisher = Publisher(eventlog, self.broker)
+        self.realtime = realtime = Realtime(hub, eventlog, self.publisher, self.auth, state)
         self.tasks = TaskService(eventlog, state)
         self.keepalive = Keepalive(state)
         self.retention = Retention(eventlog, state)
@@ -124,7 +126,7 @@ class Services:
             ViewerRoutes(),
             OpsRoutes(self.auth, eventlog, self.metrics, state),
             realtime_routes,
-            PublishRoutes(self.auth, eventlog, self.broker, state),
+            PublishRoutes(self.auth, self.publisher, state),
             TaskRoutes(self.auth, self.tasks, eventlog, realtime_routes, state),
             HarnessRoutes(self.auth, self.tasks, state),
         ):

@@ -95,6 +95,8 @@ class WsConfig(_Section):
     max_patterns_per_connection: Pos = 16
     # Commands waiting behind a subscribe that is still reading the store.
     max_queued_commands: Pos = 64
+    # Publishes one connection may have waiting for their commit (refused past it).
+    max_inflight_publishes: Pos = 1_024
     # Unsent bytes per connection; past it the connection is closed with 4008.
     max_pending_bytes: Pos = 8 * 1024 * 1024
     max_connections_per_subject: Pos = 10_000

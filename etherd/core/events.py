@@ -23,6 +23,7 @@ __all__ = [
     "IdempotentAnswer",
     "NewEvent",
     "Replay",
+    "Respond",
     "StoredEvent",
     "TaskWrite",
     "Write",
@@ -92,6 +93,10 @@ class TaskWrite:
     data: bytes
 
 
+# Produces the (status, body) answer kept under an idempotency key, from the stored events.
+Respond = Callable[[list[StoredEvent]], tuple[int, bytes]]
+
+
 @dataclass(slots=True)
 class Write:
     """One unit of a group commit: its events are stored together, all or none."""
@@ -100,7 +105,7 @@ class Write:
     idempotency: Idempotency | None = None
     # Called by the store inside the transaction, after offsets are assigned, to produce the
     # (status, body) answer kept under the idempotency key.
-    respond: Callable[[list[StoredEvent]], tuple[int, bytes]] | None = None
+    respond: Respond | None = None
     # A task row stored with the events, only if its version still is ``expected_version``
     # (else the whole write is refused with ``TaskConflict``).
     task: TaskWrite | None = None

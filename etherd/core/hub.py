@@ -195,6 +195,10 @@ class Hub:
         """Distinct topics and patterns with at least one subscriber."""
         return self._trie.pattern_count
 
+    def subscriber_count(self, topic: str) -> int:
+        """How many sinks an event published to ``topic`` would reach (presence)."""
+        return len(self._trie.match(topic))
+
     def is_empty(self) -> bool:
         """No subscriptions left (used by tests to prove nothing leaks)."""
         return self._trie.is_empty()

@@ -22,8 +22,14 @@ __all__ = [
     "ErrorReply",
     "Ping",
     "Pong",
+    "Presence",
+    "PresenceReply",
+    "Publish",
     "PublishBody",
     "PublishEvent",
+    "Published",
+    "Refresh",
+    "Refreshed",
     "Subscribe",
     "Subscribed",
     "TopicAck",
@@ -39,6 +45,7 @@ EVENT_NAME_RE: Final = r"^[A-Za-z0-9_.:\-]{1,128}$"
 RESERVED_FIELDS: Final = frozenset({"type", "event", "topic", "offset", "ts"})
 
 RequestId = str | int | None
+EventName = Annotated[str, msgspec.Meta(pattern=EVENT_NAME_RE)]
 TopicList = Annotated[list[str], msgspec.Meta(min_length=1)]
 
 
@@ -63,7 +70,31 @@ class Ping(msgspec.Struct, tag_field="action", tag="ping", gc=False):
     id: RequestId = None
 
 
-Command = Subscribe | Unsubscribe | Ping
+class Publish(msgspec.Struct, tag_field="action", tag="publish", gc=False):
+    """Publish one event over the socket (contract section 4); same rules as the HTTP API."""
+
+    topic: str
+    event: EventName
+    data: dict[str, msgspec.Raw] = msgspec.field(default_factory=dict)
+    durable: bool = True
+    id: RequestId = None
+
+
+class Refresh(msgspec.Struct, tag_field="action", tag="refresh", gc=False):
+    """Replace the connection's token without reconnecting."""
+
+    token: str
+    id: RequestId = None
+
+
+class Presence(msgspec.Struct, tag_field="action", tag="presence", gc=False):
+    """How many subscribers a topic has (across every node of a cluster)."""
+
+    topic: str
+    id: RequestId = None
+
+
+Command = Subscribe | Unsubscribe | Ping | Publish | Refresh | Presence
 COMMAND_DECODER: Final = msgspec.json.Decoder(Command)
 
 
@@ -100,6 +131,25 @@ class Pong(msgspec.Struct, tag_field="type", tag="pong", gc=False):
     id: RequestId = None
 
 
+class Published(msgspec.Struct, tag_field="type", tag="published", gc=False, omit_defaults=True):
+    id: RequestId
+    topic: str
+    # None (left out) for a non-durable event.
+    offset: int | None = None
+
+
+class Refreshed(msgspec.Struct, tag_field="type", tag="refreshed", gc=False):
+    id: RequestId
+    # The new token's expiry (unix seconds), or None when it has none.
+    exp: float | None
+
+
+class PresenceReply(msgspec.Struct, tag_field="type", tag="presence", gc=False):
+    id: RequestId
+    topic: str
+    subscribers: int
+
+
 class ErrorReply(msgspec.Struct, tag_field="type", tag="error", gc=False):
     id: RequestId
     code: str
@@ -116,9 +166,6 @@ class ErrorDetail(msgspec.Struct, gc=False):
 
 class ErrorBody(msgspec.Struct, gc=False):
     error: ErrorDetail
-
-
-EventName = Annotated[str, msgspec.Meta(pattern=EVENT_NAME_RE)]
 
 
 class PublishEvent(msgspec.Struct, forbid_unknown_fields=True, gc=False):

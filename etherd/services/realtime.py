@@ -2,8 +2,9 @@
 
 ``Realtime`` is the narrow interface the WebSocket session and the SSE routes are built on:
 the hub they subscribe to and queue on, topic authorisation (which needs the task's owner
-and holder from the log), where a topic stands, the resume read, the registry they are
-tracked in and the configuration in force. The session knows nothing else of the server.
+and holder from the log), where a topic stands, the resume read, presence, the publisher
+(for the WebSocket ``publish`` action), token verification (``refresh``), the registry they
+are tracked in and the configuration in force. The session knows nothing else of the server.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from etherd.core.auth import Authenticator, Principal, may_subscribe
 from etherd.core.config import Config
 from etherd.core.hub import Hub
 from etherd.services.eventlog import EventLog, Resumed
+from etherd.services.publisher import Publisher
 from etherd.services.state import Connections, ServerState
 
 __all__ = ["Realtime"]
@@ -21,10 +23,16 @@ class Realtime:
     """Subscriptions, positions and resumes for realtime connections."""
 
     def __init__(
-        self, hub: Hub, eventlog: EventLog, auth: Authenticator, state: ServerState
+        self,
+        hub: Hub,
+        eventlog: EventLog,
+        publisher: Publisher,
+        auth: Authenticator,
+        state: ServerState,
     ) -> None:
         self.hub = hub
         self.eventlog = eventlog
+        self.publisher = publisher
         self.auth = auth
         self.state = state
 
@@ -57,3 +65,7 @@ class Realtime:
         return await self.eventlog.resume(
             topic, after, epoch, self.state.config.realtime.replay_max_events
         )
+
+    async def presence(self, topic: str) -> int:
+        """How many subscribers an event published to ``topic`` would reach."""
+        return self.hub.subscriber_count(topic)

@@ -2,30 +2,20 @@
 
 Durable events (the default) answer after their group commit, with their offsets; the
 broker fans them out on commit. ``durable: false`` events skip the log and go to the broker
-at once, with no offset.
+at once, with no offset. The rules are ``services.publisher``'s, shared with the WebSocket.
 """
 
 from __future__ import annotations
 
-import time
-
-from etherd.core.auth import Authenticator, may_publish
+from etherd.core.auth import Authenticator
 from etherd.core.errors import Refusal
-from etherd.core.events import NewEvent, StoredEvent, Write
-from etherd.core.topics import TopicError, validate_topic
-from etherd.core.wire import (
-    ENCODER,
-    RESERVED_FIELDS,
-    PublishAnswer,
-    PublishBody,
-    PublishedItem,
-    PublishEvent,
-)
+from etherd.core.events import StoredEvent
+from etherd.core.wire import ENCODER, PublishAnswer, PublishBody, PublishedItem, PublishEvent
 from etherd.edge.api.common import Route, answer_of, authenticate, decode_json, idempotency
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response
-from etherd.services.broker import Broker
-from etherd.services.eventlog import AlreadyAnswered, EventLog
+from etherd.services.eventlog import AlreadyAnswered
+from etherd.services.publisher import Publisher
 from etherd.services.state import ServerState
 
 __all__ = ["PublishRoutes"]
@@ -34,12 +24,9 @@ __all__ = ["PublishRoutes"]
 class PublishRoutes:
     """The publish API."""
 
-    def __init__(
-        self, auth: Authenticator, eventlog: EventLog, broker: Broker, state: ServerState
-    ) -> None:
+    def __init__(self, auth: Authenticator, publisher: Publisher, state: ServerState) -> None:
         self.auth = auth
-        self.eventlog = eventlog
-        self.broker = broker
+        self.publisher = publisher
         self.state = state
 
     def routes(self) -> list[Route]:
@@ -51,45 +38,20 @@ class PublishRoutes:
         principal = authenticate(self.auth, request)
         body = decode_json(request, PublishBody)
         items = self._items(body)
-        checked: set[str] = set()
-        for item in items:
-            if item.topic not in checked:
-                # A batch usually repeats a few topics: check each one once.
-                try:
-                    validate_topic(item.topic)
-                except TopicError as exc:
-                    raise Refusal("unprocessable", f"invalid topic: {exc}") from None
-                reason = may_publish(principal, item.topic)
-                if reason is not None:
-                    raise Refusal("forbidden", reason)
-                checked.add(item.topic)
-            reserved = RESERVED_FIELDS.intersection(item.data)
-            if reserved:
-                raise Refusal(
-                    "unprocessable",
-                    f"data may not contain envelope fields {sorted(reserved)} "
-                    f"(topic {item.topic!r}); rename them",
-                )
+        publisher = self.publisher
+        publisher.check(principal, items)
         idem = idempotency(request, principal, self.state.config.http.max_idempotency_key_chars)
         if idem is not None:
-            earlier = await self.eventlog.replayed(idem)
+            earlier = await publisher.eventlog.replayed(idem)
             if earlier is not None:
                 return answer_of(earlier)
-        now_ms = int(time.time() * 1000)
-        durable = [NewEvent(i.topic, i.event, ENCODER.encode(i.data)) for i in items if i.durable]
-        for item in items:
-            if not item.durable:
-                self.broker.transient(item.topic, item.event, ENCODER.encode(item.data), now_ms)
-        epoch = self.eventlog.epoch
-        if not durable:
-            return Response(200, _answer_body(items, [], epoch))
+        epoch = publisher.epoch
 
         def respond(stored: list[StoredEvent]) -> tuple[int, bytes]:
             return 200, _answer_body(items, stored, epoch)
 
-        write = Write(durable, idem, respond if idem is not None else None)
         try:
-            stored = await self.eventlog.commit(write)
+            stored = await publisher.publish(items, idem, respond if idem is not None else None)
         except AlreadyAnswered as exc:
             return answer_of(exc.answer)
         return Response(200, _answer_body(items, stored, epoch))

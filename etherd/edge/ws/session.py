@@ -12,6 +12,12 @@ topic while the retained ones are read from the store, writes the replay, then r
 held events it did not already send, so the client sees every offset once, in order.
 Commands that arrive while a subscribe reads the store wait behind it, in order, up to
 ``ws.max_queued_commands``.
+
+``publish`` (tokens that may publish) is answered after the commit with the event's offset;
+publishes do not wait for each other, so a fast publisher's events share group commits,
+up to ``ws.max_inflight_publishes`` at once. ``refresh`` swaps the session's token for a
+new one of the same subject. ``presence`` counts a topic's subscribers for anyone allowed
+to subscribe to it.
 """
 
 from __future__ import annotations
@@ -19,13 +25,13 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 from picows import WSTransport
 
-from etherd.core.auth import Principal
-from etherd.core.errors import SLOW_CONSUMER, binary_message
+from etherd.core.auth import AuthError, Principal
+from etherd.core.errors import SLOW_CONSUMER, Refusal, binary_message
 from etherd.core.events import StoredEvent
 from etherd.core.frames import ws_text_frame
 from etherd.core.hub import KIND_WS, Resuming, Segment
@@ -36,6 +42,14 @@ from etherd.core.wire import (
     ErrorReply,
     Ping,
     Pong,
+    Presence,
+    PresenceReply,
+    Publish,
+    Published,
+    PublishEvent,
+    Refresh,
+    Refreshed,
+    RequestId,
     Subscribe,
     Subscribed,
     TopicAck,
@@ -50,7 +64,7 @@ __all__ = ["Session"]
 
 log = logging.getLogger("etherd.realtime")
 
-Command = Subscribe | Unsubscribe | Ping
+Command = Subscribe | Unsubscribe | Ping | Publish | Refresh | Presence
 
 
 class Session(Framing):
@@ -77,6 +91,7 @@ class Session(Framing):
         # about 0.6 KB, per connection).
         self._commands: deque[Command] | None = None
         self._busy = False
+        self._publishing = 0
 
     def __hash__(self) -> int:
         return id(self)
@@ -188,20 +203,102 @@ class Session(Framing):
             self.reply(Pong(command.id))
         elif isinstance(command, Unsubscribe):
             self._unsubscribe(command)
+        elif isinstance(command, Publish):
+            self._publish(command)
+        elif isinstance(command, Refresh):
+            self._refresh(command)
+        elif isinstance(command, Presence):
+            self._busy = True
+            asyncio.get_running_loop().create_task(self._then_continue(self._presence(command)))
         else:
             self._busy = True
-            asyncio.get_running_loop().create_task(self._subscribe_then_continue(command))
+            asyncio.get_running_loop().create_task(
+                self._then_continue(self._subscribe(command), command.id)
+            )
 
-    async def _subscribe_then_continue(self, command: Subscribe) -> None:
+    async def _then_continue(self, work: Awaitable[None], rid: RequestId = None) -> None:
+        """Run a command that reads the store, then the commands that waited behind it."""
         try:
-            await self._subscribe(command)
+            await work
         except Exception:
-            log.exception("subscribe failed for %s", self.peer)
-            self.reply(ErrorReply(command.id, "internal", "the server failed this subscribe"))
+            log.exception("command failed for %s", self.peer)
+            self.reply(ErrorReply(rid, "internal", "the server failed this command"))
         self._busy = False
         commands = self._commands
         while commands and not self._busy and not self.closed:
             self._run(commands.popleft())
+
+    def _publish(self, command: Publish) -> None:
+        limit = self.realtime.config.ws.max_inflight_publishes
+        if self._publishing >= limit:
+            self.reply(
+                ErrorReply(
+                    command.id,
+                    "rate_limited",
+                    f"{limit} publishes are already waiting for their commit "
+                    f"(ws.max_inflight_publishes); wait for replies before sending more",
+                )
+            )
+            return
+        item = PublishEvent(command.topic, command.event, command.data, command.durable)
+        try:
+            self.realtime.publisher.check(self.principal, [item])
+        except Refusal as exc:
+            self.reply(ErrorReply(command.id, exc.code, exc.message))
+            return
+        self._publishing += 1
+        asyncio.get_running_loop().create_task(self._commit(command, item))
+
+    async def _commit(self, command: Publish, item: PublishEvent) -> None:
+        try:
+            stored = await self.realtime.publisher.publish([item])
+        except Refusal as exc:
+            self.reply(ErrorReply(command.id, exc.code, exc.message))
+        except Exception:
+            log.exception("publish failed for %s", self.peer)
+            self.reply(ErrorReply(command.id, "internal", "the server failed this publish"))
+        else:
+            offset = stored[0].offset if stored else None
+            self.reply(Published(command.id, command.topic, offset))
+        finally:
+            self._publishing -= 1
+
+    def _refresh(self, command: Refresh) -> None:
+        try:
+            principal = self.realtime.auth.verify(command.token)
+        except AuthError as exc:
+            self.reply(ErrorReply(command.id, exc.code, f"token refused: {exc.message}"))
+            return
+        if principal.sub != self.principal.sub or principal.role is not self.principal.role:
+            self.reply(
+                ErrorReply(
+                    command.id,
+                    "forbidden",
+                    f"a refreshed token must name the same subject and role "
+                    f"({self.principal.sub}, {self.principal.role.value}); reconnect to change "
+                    f"them",
+                )
+            )
+            return
+        self.principal = principal
+        self.reply(Refreshed(command.id, principal.exp))
+
+    async def _presence(self, command: Presence) -> None:
+        topic = command.topic
+        try:
+            validate_pattern(topic)
+        except TopicError as exc:
+            self.reply(ErrorReply(command.id, "bad_request", str(exc)))
+            return
+        if is_pattern(topic):
+            self.reply(ErrorReply(command.id, "bad_request", "presence counts a concrete topic"))
+            return
+        reason = await self.realtime.authorize(self.principal, topic)
+        if reason is not None:
+            self.reply(ErrorReply(command.id, "forbidden", reason))
+            return
+        count = await self.realtime.presence(topic)
+        self.reply(PresenceReply(command.id, topic, count))
 
     def reply(self, message: msgspec.Struct) -> None:
         """Queue a reply behind any frames already pending for this session."""
