@@ -1,13 +1,12 @@
-"""Judge an Autobahn fuzzingclient run: behaviours by count, failing cases, the allow-list.
+"""Judge an Autobahn fuzzingclient run: behaviours by count and the failing cases.
 
 Usage: ``summarize.py [--server-log FILE] REPORT_DIR`` where ``REPORT_DIR`` holds the
 suite's ``index.json`` (``{agent: {case: {"behavior", "behaviorClose", ...}}}``) and one
 ``<agent>_case_<id>.json`` per case.
 
-A case passes when its ``behavior`` is OK, NON-STRICT or INFORMATIONAL. A failing case is
-excused only when it is in ``ALLOWED`` *and* its report shows the documented cause (the
-close code and reason picows sent), so a new failure of an allow-listed case for another
-reason still fails the run. Exit status: 0 pass, 1 failures, 2 unreadable input.
+A case passes when its ``behavior`` is OK, NON-STRICT or INFORMATIONAL; any other case fails
+the run (there is no allow-list: etherd owns its framing, so every case is its own). Exit
+status: 0 pass, 1 failures, 2 unreadable input.
 """
 
 from __future__ import annotations
@@ -21,42 +20,13 @@ from importlib import metadata
 from pathlib import Path
 from typing import Final
 
-__all__ = ["ALLOWED", "EXPECTED_CASES", "PASSING", "Allowance", "CaseResult", "main"]
+__all__ = ["EXPECTED_CASES", "PASSING", "CaseResult", "main"]
 
 PASSING: Final = frozenset({"OK", "NON-STRICT", "INFORMATIONAL"})
 
 # autobahntestsuite 0.8.2 has 247 cases once 9.*, 12.* and 13.* are excluded; fewer means
 # the run stopped early (etherd died, wstest crashed) and must not pass.
 EXPECTED_CASES: Final = 247
-
-
-@dataclass(frozen=True)
-class Allowance:
-    """A failure that happens inside picows, with the signature that proves it."""
-
-    why: str
-    remote_close_code: int
-    remote_close_reason_prefix: str
-
-
-ALLOWED: Final[dict[str, Allowance]] = {
-    # The client sends CLOSE(1000) then a second, empty CLOSE; both usually arrive in one
-    # read. picows (2.3.1, WSProtocol._process_new_data) parses the *next* frame before it
-    # delivers the current one, and its parser records every CLOSE it parses in
-    # transport.close_handshake. So the second CLOSE raises WSProtocolError(1002, "Received
-    # CLOSE for the second time") and picows sends CLOSE 1002 before etherd's on_ws_frame
-    # ever sees the first CLOSE; etherd's own CLOSE(1000) is then dropped (one CLOSE per
-    # connection). Nothing in the listener API runs early enough to change this. When the
-    # frames happen to arrive in separate reads, the case passes.
-    "7.1.2": Allowance(
-        why=(
-            "picows parses the second CLOSE before delivering the first and answers 1002 "
-            "itself ('Received CLOSE for the second time'); the listener never gets a say"
-        ),
-        remote_close_code=1002,
-        remote_close_reason_prefix="Received CLOSE for the second time",
-    ),
-}
 
 
 @dataclass(frozen=True)
@@ -73,17 +43,6 @@ class CaseResult:
     @property
     def passed(self) -> bool:
         return self.behavior in PASSING
-
-    def allowance(self) -> Allowance | None:
-        """The allow-list entry, if this case has one and its report matches its cause."""
-        allowed = ALLOWED.get(self.case)
-        if allowed is None:
-            return None
-        if self.remote_close_code != allowed.remote_close_code:
-            return None
-        if not (self.remote_close_reason or "").startswith(allowed.remote_close_reason_prefix):
-            return None
-        return allowed
 
 
 class InputError(Exception):
@@ -158,9 +117,9 @@ def server_tracebacks(log_path: Path) -> int:
     return text.count("Traceback (most recent call last)")
 
 
-def picows_version() -> str:
+def etherd_version() -> str:
     try:
-        return metadata.version("picows")
+        return metadata.version("etherd")
     except metadata.PackageNotFoundError:
         return "not installed"
 
@@ -168,7 +127,7 @@ def picows_version() -> str:
 def report(agents: dict[str, list[CaseResult]], tracebacks: int) -> int:
     """Print the summary; return the exit status."""
     failed_run = False
-    print(f"picows {picows_version()}")
+    print(f"etherd {etherd_version()}")
     for agent, results in agents.items():
         counts = Counter(r.behavior for r in results)
         print(f"\nagent {agent}: {len(results)} cases (9.*, 12.*, 13.* excluded)")
@@ -187,26 +146,14 @@ def report(agents: dict[str, list[CaseResult]], tracebacks: int) -> int:
         if not_passing:
             print("\n  cases not OK / NON-STRICT / INFORMATIONAL:")
         for r in not_passing:
-            allowed = r.allowance()
-            verdict = "ALLOWED" if allowed else "FAIL"
-            failed_run = failed_run or allowed is None
+            failed_run = True
             print(
-                f"  {verdict:<7} {r.case:<8} behavior={r.behavior} "
+                f"  FAIL    {r.case:<8} behavior={r.behavior} "
                 f"behaviorClose={r.behavior_close} remoteCloseCode={r.remote_close_code} "
                 f"reason={r.remote_close_reason!r}"
             )
             if r.result:
                 print(f"          result: {r.result}")
-            if allowed is not None:
-                print(f"          allowed because: {allowed.why}")
-            elif r.case in ALLOWED:
-                print("          allow-listed, but the report does not show the documented cause")
-
-        passed = {r.case for r in results if r.passed}
-        for case in sorted(ALLOWED.keys() & passed, key=case_key):
-            print(
-                f"  note: allow-listed case {case} passed this time (its failure depends on timing)"
-            )
 
     if tracebacks:
         failed_run = True

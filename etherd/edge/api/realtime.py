@@ -18,7 +18,7 @@ from etherd.edge.api.common import Route, authenticate, json_response
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response, Stream, Upgrade
 from etherd.edge.http.sse import SseStream
-from etherd.edge.ws.framing import Echo, handoff
+from etherd.edge.ws.framing import Echo
 from etherd.edge.ws.session import Session
 from etherd.services.realtime import Realtime
 
@@ -64,12 +64,8 @@ class RealtimeRoutes:
         if len(connections.sessions) >= config.server.max_connections:
             raise Refusal("overloaded", "too many connections; retry shortly")
         session = Session(realtime, principal, request.peer)
-        max_frame = config.ws.max_message_bytes
-        return Upgrade(
-            lambda transport, req, tail: handoff(
-                transport, req.headers, tail, session, max_frame_bytes=max_frame
-            )
-        )
+        key = request.headers["sec-websocket-key"]
+        return Upgrade(lambda transport, req, tail: session.accept(transport, key, tail))
 
     async def echo(self, request: Request) -> Upgrade:
         """The conformance-suite echo peer (only when ``ws.echo_path`` is set)."""
@@ -77,15 +73,9 @@ class RealtimeRoutes:
             raise Refusal("upgrade_required", "this endpoint speaks WebSocket; send an upgrade")
         check_handshake(request)
         cfg = self.realtime.config.ws
-        return Upgrade(
-            lambda transport, req, tail: handoff(
-                transport,
-                req.headers,
-                tail,
-                Echo(cfg.max_message_bytes, cfg.close_grace_s),
-                max_frame_bytes=cfg.max_message_bytes,
-            )
-        )
+        echo = Echo(cfg.max_message_bytes, cfg.close_grace_s)
+        key = request.headers["sec-websocket-key"]
+        return Upgrade(lambda transport, req, tail: echo.accept(transport, key, tail))
 
     async def client_config(self, request: Request) -> Response:
         """``GET /api/realtime/config``: how clients should connect."""

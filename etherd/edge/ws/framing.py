@@ -1,12 +1,24 @@
-"""WebSocket framing on picows: the hand-off of an upgraded connection, and the RFC 6455
-duties picows leaves to the application.
+"""The server side of a WebSocket connection over an asyncio transport (RFC 6455).
 
-picows parses frames in C; the ``Framing`` base class does the rest for every session: it
-reassembles fragmented messages, validates UTF-8 incrementally (so a bad byte closes the
-session at once with 1007, not at the end of the message), refuses RSV bits (no extension
-is negotiated), caps message size (1009), answers CLOSE with the peer's code and refuses
-reserved codes that picows lets through (0, 1004-1006, 1015, 1016-2999, 5000 and up).
+After the HTTP edge has authorised an upgrade, ``WebSocket.accept`` takes the connection
+over: it becomes the transport's protocol (the HTTP parser and its buffers are freed),
+answers 101 with the accept key, and feeds any bytes that followed the request to the frame
+parser (``core.wsproto``). From then on it does what RFC 6455 asks of a server: reassembles
+fragmented messages, validates UTF-8 incrementally (a bad byte closes at once with 1007),
+caps message size (1009), answers PING with PONG, answers the peer's CLOSE with its code
+and refuses codes a peer may not send (0, 1004-1006, 1015, 1016-2999, 5000 and up).
 Subclasses get whole messages in ``on_message`` and end the session with ``close``.
+
+Closing (section 7.1.1): when the server closes, it sends CLOSE and waits for the peer's
+CLOSE before closing TCP, so the socket is not closed under data still arriving (which
+would turn into a reset that can destroy the CLOSE before it is read), and cuts the
+connection after ``ws.close_grace_s``: a peer that stopped reading would otherwise hold the
+socket and the bytes queued on it forever. When the peer closes first, the server answers
+and closes TCP once its answer is written.
+
+Memory: one object with ``__slots__`` per connection and no buffer between messages (the
+parser holds bytes only while a frame is incomplete); uvloop reads into a buffer shared by
+the whole loop.
 
 ``Echo`` returns what it receives; it exists only for the Autobahn conformance suite and is
 off unless ``ws.echo_path`` is set.
@@ -19,9 +31,6 @@ import codecs
 import logging
 from typing import Final
 
-from picows import WSAutoPingStrategy, WSCloseCode, WSFrame, WSListener, WSMsgType, WSTransport
-from picows.picows import WSProtocol  # type: ignore[attr-defined]
-
 from etherd.core.errors import (
     PEER_GONE,
     Disconnect,
@@ -31,162 +40,159 @@ from etherd.core.errors import (
     protocol_error,
     valid_close_code,
 )
+from etherd.core.frames import ws_text_frame
+from etherd.core.wsproto import (
+    OP_BINARY,
+    OP_CLOSE,
+    OP_CONTINUATION,
+    OP_PING,
+    OP_PONG,
+    OP_TEXT,
+    Frame,
+    FrameParser,
+    accept_key,
+    binary_frame,
+    close_frame,
+    pong_frame,
+)
 
-__all__ = ["Echo", "Framing", "handoff"]
+__all__ = ["Echo", "WebSocket"]
 
 log = logging.getLogger("etherd.ws")
-# An adapter, not a Logger: given a Logger, picows makes a child logger per connection,
-# about 0.5 KB each for as long as the connection lives.
-_picows_log = logging.LoggerAdapter(logging.getLogger("picows.server"), {})
 
-# picows keeps a 2 KiB read buffer minimum; subscribers send little, so that is enough and
-# keeps 10,000 idle connections small.
-READ_BUFFER_BYTES: Final = 2048
-HANDSHAKE_TIMEOUT_S: Final = 5.0
+_SWITCHING: Final = (
+    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    b"Sec-WebSocket-Accept: "
+)
 
 
-def _abort(transport: WSTransport) -> None:
-    if not transport.is_disconnected:
-        transport.disconnect(graceful=False)
+def _abort(transport: asyncio.Transport) -> None:
+    if not transport.is_closing():
+        transport.abort()
 
 
-def handoff(
-    transport: asyncio.Transport,
-    headers: dict[str, str],
-    tail: bytes,
-    listener: WSListener,
-    *,
-    max_frame_bytes: int,
-) -> None:
-    """Give an authorised upgrade request's connection to picows.
+class WebSocket(asyncio.Protocol):
+    """One WebSocket connection's framing (see the module docstring)."""
 
-    Browsers send ``Connection: keep-alive, Upgrade`` and picows accepts only
-    ``Connection: Upgrade``, so picows is fed a canonical request holding just what the
-    handshake needs, followed by any bytes the client sent after its request. picows then
-    checks the key and version, answers 101 and parses frames from then on.
-
-    The ``WSProtocol`` constructor is internal to picows: the version is pinned exactly and
-    the integration tests perform real upgrades through this function.
-    """
-    canonical = b"".join(
-        (
-            b"GET / HTTP/1.1\r\nHost: ",
-            headers.get("host", "-").encode("latin-1"),
-            b"\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Version: ",
-            headers.get("sec-websocket-version", "").encode("latin-1"),
-            b"\r\nSec-WebSocket-Key: ",
-            headers.get("sec-websocket-key", "").encode("latin-1"),
-            b"\r\n\r\n",
-            tail,
-        )
+    __slots__ = (
+        "_close_grace",
+        "_decoder",
+        "_frag",
+        "_frag_text",
+        "_max_message",
+        "_parser",
+        "closed",
+        "paused",
+        "ping_sent_at",
+        "seen",
+        "transport",
     )
-    protocol = WSProtocol(
-        None,
-        None,
-        False,
-        lambda _request: listener,
-        _picows_log,
-        True,  # disconnect_on_exception
-        # The whole handshake is fed in below, so picows never waits for it.
-        HANDSHAKE_TIMEOUT_S,
-        # Auto-ping off: the keepalive sweep pings idle sessions instead of a task each, so
-        # the two intervals that follow are never used (picows still wants them).
-        False,
-        20.0,
-        10.0,
-        WSAutoPingStrategy.PING_WHEN_IDLE,
-        True,  # auto-pong
-        max_frame_bytes,
-        None,
-        READ_BUFFER_BYTES,
-    )
-    # uvloop keeps the previous protocol's data_received when it switches to a buffered
-    # protocol; passing through a bare Protocol lets the HTTP connection object, its parser
-    # and its queue go (about 2 KB for every WebSocket).
-    transport.set_protocol(asyncio.Protocol())
-    transport.set_protocol(protocol)
-    protocol.connection_made(transport)
-    view = memoryview(canonical)
-    while view:
-        buf = protocol.get_buffer(-1)
-        n = min(len(buf), len(view))
-        buf[:n] = view[:n]
-        view = view[n:]
-        protocol.buffer_updated(n)
-
-
-class Framing(WSListener):
-    """RFC 6455 duties picows leaves to the application; subclasses get whole messages."""
 
     def __init__(self, max_message_bytes: int, close_grace_s: float) -> None:
-        super().__init__()
-        self._close_grace = close_grace_s
-        self.transport: WSTransport | None = None
+        self.transport: asyncio.Transport | None = None
         self._max_message = max_message_bytes
+        self._close_grace = close_grace_s
+        self._parser = FrameParser(max_message_bytes)
         self._frag: bytearray | None = None
         self._frag_text = False
         self._decoder: codecs.IncrementalDecoder | None = None
         self.closed = False
-        # Set on any frame; the ping sweep clears it and pings sessions that stayed silent.
+        # Set by any frame; the keepalive sweep clears it and pings sessions that stayed silent.
         self.seen = True
         self.ping_sent_at: float | None = None
+        # The transport's buffer is above its high-water mark (``pause_writing``).
+        self.paused = False
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
+    # -- opening -----------------------------------------------------------------------------
+
+    def accept(self, transport: asyncio.Transport, key: str, tail: bytes) -> None:
+        """Take over an upgraded connection: answer 101 and read frames from now on.
+
+        ``key`` is the client's ``Sec-WebSocket-Key`` (already validated); ``tail`` the
+        bytes that arrived after the request, if any.
+        """
         self.transport = transport
+        transport.set_protocol(self)
+        transport.write(_SWITCHING + accept_key(key).encode("ascii") + b"\r\n\r\n")
+        self.on_open()
+        if tail:
+            self.data_received(tail)
 
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if self.closed:
-            # Our CLOSE is out; the peer's CLOSE completes the handshake (RFC 6455 7.1.1).
-            if frame.msg_type == WSMsgType.CLOSE:
-                transport.disconnect()
-            return
-        self.seen = True
-        op = frame.msg_type
-        if frame.rsv1 or frame.rsv2 or frame.rsv3:
-            self.close(protocol_error("reserved bits are set but no extension was agreed"))
-            return
-        if op == WSMsgType.TEXT or op == WSMsgType.BINARY:
+    def on_open(self) -> None:
+        """The 101 is written; frames may be sent."""
+
+    # -- asyncio protocol --------------------------------------------------------------------
+
+    def data_received(self, data: bytes) -> None:
+        for item in self._parser.feed(data):
+            if isinstance(item, Disconnect):
+                self.close(item)
+                return
+            if self.closed:
+                # Our CLOSE is out; the peer's CLOSE completes the handshake.
+                if item.opcode == OP_CLOSE and self.transport is not None:
+                    self.transport.close()
+                    return
+                continue
+            self.seen = True
+            self._frame(item)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.on_closed()
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    # -- frames ------------------------------------------------------------------------------
+
+    def _frame(self, frame: Frame) -> None:
+        op = frame.opcode
+        if op in (OP_TEXT, OP_BINARY):
             if self._frag is not None:
                 self.close(protocol_error("new message started before the last one ended"))
                 return
-            if frame.payload_size > self._max_message:
-                self._too_big(frame.payload_size)
-                return
             if frame.fin:
-                payload = frame.get_payload_as_bytes()
-                if op == WSMsgType.TEXT:
+                payload = frame.payload
+                if op == OP_TEXT:
                     try:
                         payload.decode("utf-8")
                     except UnicodeDecodeError:
                         self.close(invalid_utf8())
                         return
-                self.on_message(op == WSMsgType.TEXT, payload)
+                self.on_message(op == OP_TEXT, payload)
                 return
             self._frag = bytearray()
-            self._frag_text = op == WSMsgType.TEXT
+            self._frag_text = op == OP_TEXT
             self._decoder = codecs.getincrementaldecoder("utf-8")() if self._frag_text else None
             self._continue(frame)
-        elif op == WSMsgType.CONTINUATION:
+        elif op == OP_CONTINUATION:
             if self._frag is None:
                 self.close(protocol_error("continuation frame without a message to continue"))
                 return
             self._continue(frame)
-        elif op == WSMsgType.CLOSE:
-            self._on_close(frame)
-        elif op == WSMsgType.PONG:
+        elif op == OP_PING:
+            if self.transport is not None:
+                self.transport.write(pong_frame(frame.payload))
+        elif op == OP_PONG:
             self.ping_sent_at = None
+        else:
+            self._on_close(frame.payload)
 
-    def _continue(self, frame: WSFrame) -> None:
+    def _continue(self, frame: Frame) -> None:
         frag = self._frag
         assert frag is not None
-        chunk = frame.get_payload_as_bytes()
+        chunk = frame.payload
         if len(frag) + len(chunk) > self._max_message:
-            self._too_big(len(frag) + len(chunk))
+            self.close(message_too_big(len(frag) + len(chunk), self._max_message))
             return
         frag += chunk
         if self._decoder is not None:
             try:
-                self._decoder.decode(chunk, final=bool(frame.fin))
+                self._decoder.decode(chunk, final=frame.fin)
             except UnicodeDecodeError:
                 self.close(invalid_utf8())
                 return
@@ -196,20 +202,30 @@ class Framing(WSListener):
             self._decoder = None
             self.on_message(self._frag_text, payload)
 
-    def _too_big(self, size: int) -> None:
-        self.close(message_too_big(size, self._max_message))
-
-    def _on_close(self, frame: WSFrame) -> None:
-        size = frame.payload_size
-        if size == 0:
+    def _on_close(self, payload: bytes) -> None:
+        if not payload:
             self.close(PEER_GONE, peer_closed=True)
             return
-        code = int(frame.get_close_code())  # type: ignore[call-overload]
+        if len(payload) == 1:
+            self.close(protocol_error("close frame with a one-byte payload"))
+            return
+        code = int.from_bytes(payload[:2], "big")
         if not valid_close_code(code):
             self.close(protocol_error(f"close code {code} may not be sent by a peer"))
             return
-        # picows already refused a reason that is not UTF-8 (1007). Echo the peer's code.
+        try:
+            payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self.close(invalid_utf8())
+            return
         self.close(echo_close(code), peer_closed=True)
+
+    # -- sending and closing -----------------------------------------------------------------
+
+    def send_text(self, payload: bytes) -> None:
+        """Send one TEXT message now (replies go through the hub instead, in order)."""
+        if not self.closed and self.transport is not None:
+            self.transport.write(ws_text_frame(payload))
 
     def is_closed(self) -> bool:
         """Whether the session has ended (a method, so it is re-read after an await)."""
@@ -218,11 +234,8 @@ class Framing(WSListener):
     def close(self, disconnect: Disconnect, *, peer_closed: bool = False) -> None:
         """Send CLOSE with the disconnect's code and reason and end the session.
 
-        When the peer closed first, the TCP connection is closed at once. Otherwise the
-        peer's CLOSE is awaited, so the socket is not closed under data still arriving
-        (which would turn into a reset that can destroy our CLOSE before it is read), and
-        the connection is cut after ``ws.close_grace_s``: a peer that stopped reading would
-        otherwise hold the socket and the bytes queued on it forever.
+        When the peer closed first, TCP is closed once the answer is written; otherwise the
+        peer's CLOSE is awaited, and the connection is cut after ``ws.close_grace_s``.
         """
         if self.closed:
             return
@@ -230,10 +243,12 @@ class Framing(WSListener):
         transport = self.transport
         if transport is None:
             return
-        transport.send_close(WSCloseCode(disconnect.code), disconnect.reason_bytes)
-        if peer_closed:
-            transport.disconnect()
-        asyncio.get_running_loop().call_later(self._close_grace, _abort, transport)
+        if not transport.is_closing():
+            transport.write(close_frame(disconnect.code, disconnect.reason_bytes))
+            if peer_closed:
+                transport.close()
+            else:
+                asyncio.get_running_loop().call_later(self._close_grace, _abort, transport)
         self.on_closed()
 
     def on_message(self, text: bool, payload: bytes) -> None:
@@ -243,14 +258,12 @@ class Framing(WSListener):
     def on_closed(self) -> None:
         """The session ended or is ending; drop what it holds. Idempotent."""
 
-    def on_ws_disconnected(self, transport: WSTransport) -> None:
-        self.closed = True
-        self.on_closed()
 
-
-class Echo(Framing):
+class Echo(WebSocket):
     """Sends back each message as it came: the conformance suite's peer, never in production."""
 
+    __slots__ = ()
+
     def on_message(self, text: bool, payload: bytes) -> None:
-        assert self.transport is not None
-        self.transport.send(WSMsgType.TEXT if text else WSMsgType.BINARY, payload)
+        if not self.closed and self.transport is not None:
+            self.transport.write(ws_text_frame(payload) if text else binary_frame(payload))

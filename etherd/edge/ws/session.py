@@ -25,10 +25,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 import msgspec
-from picows import WSTransport
 
 from etherd.core.auth import AuthError, Principal
 from etherd.core.errors import SLOW_CONSUMER, Refusal, binary_message
@@ -57,7 +56,8 @@ from etherd.core.wire import (
     Unsubscribe,
     Unsubscribed,
 )
-from etherd.edge.ws.framing import Framing
+from etherd.core.wsproto import PING
+from etherd.edge.ws.framing import WebSocket
 from etherd.services.realtime import Realtime
 
 __all__ = ["Session"]
@@ -67,8 +67,23 @@ log = logging.getLogger("etherd.realtime")
 Command = Subscribe | Unsubscribe | Ping | Publish | Refresh | Presence
 
 
-class Session(Framing):
+class Session(WebSocket):
     """One WebSocket client (see the module docstring)."""
+
+    __slots__ = (
+        "_busy",
+        "_commands",
+        "_max_pending",
+        "_publishing",
+        "alive",
+        "patterns",
+        "peer",
+        "pending",
+        "principal",
+        "realtime",
+        "resuming",
+        "topics",
+    )
 
     kind = KIND_WS
 
@@ -85,16 +100,11 @@ class Session(Framing):
         self.resuming: dict[str, Resuming] | None = None
         self.alive = False
         self._max_pending = cfg.max_pending_bytes
-        self._raw_write: Callable[[bytes], None] | None = None
-        self._buffered: Callable[[], int] | None = None
         # Created on first use: most sessions never queue a command (an empty deque is
         # about 0.6 KB, per connection).
         self._commands: deque[Command] | None = None
         self._busy = False
         self._publishing = 0
-
-    def __hash__(self) -> int:
-        return id(self)
 
     # -- what the registry and the keepalive see -------------------------------------------
 
@@ -121,17 +131,13 @@ class Session(Framing):
 
     def ping(self, now: float) -> None:
         """Send a ping; a pong clears ``pinged_at``."""
-        if self.transport is not None:
+        if self.transport is not None and not self.closed:
             self.ping_sent_at = now
-            self.transport.send_ping()
+            self.transport.write(PING)
 
     # -- lifecycle -------------------------------------------------------------------------
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        super().on_ws_connected(transport)
-        under = transport.underlying_transport
-        self._raw_write = under.write
-        self._buffered = under.get_write_buffer_size
+    def on_open(self) -> None:
         self.alive = True
         self.realtime.connections.session_opened(self)
 
@@ -147,11 +153,16 @@ class Session(Framing):
     # -- sink ------------------------------------------------------------------------------
 
     def write(self, data: bytes) -> None:
-        """Write pre-built frames; close with 4008 when the peer cannot keep up."""
-        if self.closed or self._raw_write is None or self._buffered is None:
+        """Write pre-built frames; close with 4008 when the peer cannot keep up.
+
+        The unsent bytes are looked at only while the transport is above its high-water
+        mark (``pause_writing`` was called), so a reader that keeps up costs one write.
+        """
+        transport = self.transport
+        if self.closed or transport is None:
             return
-        self._raw_write(data)
-        if self._buffered() > self._max_pending:
+        transport.write(data)
+        if self.paused and transport.get_write_buffer_size() > self._max_pending:
             self.slow_consumer()
 
     def slow_consumer(self) -> None:
@@ -159,12 +170,6 @@ class Session(Framing):
         self.realtime.connections.slow_consumer_closes["ws"] += 1
         self.alive = False
         self.close(SLOW_CONSUMER)
-
-    def pause_writing(self) -> None:
-        """Transport buffer above its high-water mark: the byte cap in ``write`` decides."""
-
-    def resume_writing(self) -> None:
-        """Transport buffer drained below its low-water mark."""
 
     # -- commands --------------------------------------------------------------------------
 

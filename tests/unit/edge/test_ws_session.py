@@ -25,34 +25,43 @@ from etherd.services.realtime import Realtime
 from etherd.services.state import Connections
 
 
-class Underlying:
+class FakeTransport:
+    """What the session uses of an asyncio transport."""
+
     def __init__(self) -> None:
         self.data = bytearray()
+        self.protocol: object = None
+        self.closing = False
+        self.aborted = False
+
+    def set_protocol(self, protocol: object) -> None:
+        self.protocol = protocol
 
     def write(self, data: bytes) -> None:
+        assert not self.closing, "write after close"
         self.data += data
 
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def is_closing(self) -> bool:
+        return self.closing
 
-class FakeWSTransport:
-    """What the session uses of a picows transport."""
+    def close(self) -> None:
+        self.closing = True
 
-    def __init__(self) -> None:
-        self.underlying_transport = Underlying()
-        self.close_sent: tuple[int, bytes] | None = None
-        self.is_disconnected = False
-        self.pings = 0
+    def abort(self) -> None:
+        self.closing = self.aborted = True
 
-    def send_close(self, code: int, data: bytes) -> None:
-        self.close_sent = (int(code), data)
-
-    def disconnect(self, graceful: bool = True) -> None:
-        self.is_disconnected = True
-
-    def send_ping(self) -> None:
-        self.pings += 1
+    @property
+    def close_sent(self) -> tuple[int, bytes] | None:
+        """The CLOSE frame the server wrote, if any (after every other frame)."""
+        at = self.data.rfind(b"\x88")
+        if at < 0:
+            return None
+        n = self.data[at + 1]
+        payload = bytes(self.data[at + 2 : at + 2 + n])
+        return int.from_bytes(payload[:2], "big"), payload[2:]
 
 
 class FakeRealtime:
@@ -94,7 +103,7 @@ def frames(data: bytes) -> Iterator[dict[str, Any]]:
     """Decode the unmasked server TEXT frames in ``data``."""
     i = 0
     while i < len(data):
-        assert data[i] == 0x81
+        assert data[i] == 0x81, data[i:]
         n = data[i + 1]
         i += 2
         if n == 126:
@@ -113,11 +122,14 @@ class Client:
     def __init__(self, cfg: Config | None = None) -> None:
         loop = asyncio.get_running_loop()
         self.realtime = FakeRealtime(cfg or Config(), loop)
-        self.transport = FakeWSTransport()
+        self.transport = FakeTransport()
         principal = Principal(sub="u1", role=Role.ADMIN)
         self.session = Session(cast(Realtime, self.realtime), principal, "peer")
-        self.session.on_ws_connected(self.transport)  # type: ignore[arg-type]
-        self.read = 0
+        self.session.accept(self.transport, "dGhlIHNhbXBsZSBub25jZQ==", b"")  # type: ignore[arg-type]
+        head = bytes(self.transport.data)
+        # RFC 6455 section 1.3's own example key and answer.
+        assert b"Sec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n" in head
+        self.read = len(head)
 
     def send(self, message: object) -> None:
         payload = message if isinstance(message, bytes) else json.dumps(message).encode()
@@ -126,7 +138,7 @@ class Client:
     async def received(self) -> list[dict[str, Any]]:
         for _ in range(10):
             await asyncio.sleep(0)
-        data = bytes(self.transport.underlying_transport.data)
+        data = bytes(self.transport.data)
         new = data[self.read :]
         self.read = len(data)
         return list(frames(new))
@@ -255,7 +267,7 @@ def test_closing_drops_every_subscription_and_the_registration() -> None:
         c.send({"action": "subscribe", "topics": ["t/1", "t/2"]})
         await c.received()
         registered = c.session in c.realtime.connections.sessions
-        c.session.on_ws_disconnected(c.transport)  # type: ignore[arg-type]
+        c.session.connection_lost(None)
         return registered, c.realtime.hub.subscription_count, len(c.realtime.connections.sessions)
 
     assert run(go) == (True, 0, 0)
