@@ -131,14 +131,19 @@ class Services:
             HarnessRoutes(self.auth, self.tasks, state),
         ):
             for route in routes.routes():
-                self.router.add(route.method, route.template, route.handler)
+                self.router.add(route.method, route.template, route.handler, streams=route.streams)
         self.dispatch = Dispatcher(self.router)
         self._loop = loop
 
     def connection(self) -> HttpConnection:
         """A protocol for one accepted TCP connection."""
         return HttpConnection(
-            self.state, self.dispatch, self.router.methods, self.metrics.response, self._loop
+            self.state,
+            self.dispatch,
+            self.router.methods,
+            self.router.streams,
+            self.metrics.response,
+            self._loop,
         )
 
     def apply(self, new: Config) -> None:

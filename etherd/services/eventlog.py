@@ -21,6 +21,7 @@ from etherd.core.auth import TaskFacts, task_id_of
 from etherd.core.config import RetentionRule
 from etherd.core.errors import Refusal
 from etherd.core.events import Idempotency, IdempotentAnswer, Replay, StoredEvent, Write
+from etherd.services.turns import Turn
 from etherd.store import (
     Batcher,
     IdempotencyConflict,
@@ -122,8 +123,11 @@ class EventLog:
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
 
-    async def commit(self, write: Write) -> list[StoredEvent]:
+    async def commit(self, write: Write, turn: Turn | None = None) -> list[StoredEvent]:
         """Store a write durably with the next group commit; returns its stored events.
+
+        With a ``turn``, the write joins the commit queue only after the earlier requests
+        of the same connection did (see ``services.turns``), and lets the next one go.
 
         Raises:
             Refusal: ``overloaded`` when too much is queued, ``not_ready`` when the store
@@ -133,7 +137,15 @@ class EventLog:
             TaskConflict: the write's task row moved on; nothing was stored.
         """
         try:
-            return await self.batcher.submit(write)
+            if turn is not None:
+                await turn.wait()
+                try:
+                    future = self.batcher.enqueue(write)
+                finally:
+                    turn.done()
+            else:
+                future = self.batcher.enqueue(write)
+            return await future
         except IdempotencyConflict as exc:
             idem = write.idempotency
             assert idem is not None

@@ -19,6 +19,7 @@ from etherd.core.topics import TopicError, validate_topic
 from etherd.core.wire import ENCODER, RESERVED_FIELDS, PublishEvent
 from etherd.services.broker import Broker
 from etherd.services.eventlog import EventLog
+from etherd.services.turns import Turn
 
 __all__ = ["Publisher"]
 
@@ -67,11 +68,13 @@ class Publisher:
         items: Sequence[PublishEvent],
         idem: Idempotency | None = None,
         respond: Respond | None = None,
+        turn: Turn | None = None,
     ) -> list[StoredEvent]:
         """Publish checked items; returns the stored events of the durable ones, in order.
 
         ``idem`` and ``respond`` store the answer under an idempotency key in the same
-        commit (see ``Write``).
+        commit (see ``Write``); ``turn`` keeps a pipelined request's commit in request
+        order (``services.turns``).
 
         Raises:
             Refusal: ``not_ready`` or ``overloaded`` from the event log.
@@ -83,5 +86,7 @@ class Publisher:
             if not item.durable:
                 self.broker.transient(item.topic, item.event, ENCODER.encode(item.data), now_ms)
         if not durable:
+            if turn is not None:
+                turn.done()
             return []
-        return await self.eventlog.commit(Write(durable, idem, respond))
+        return await self.eventlog.commit(Write(durable, idem, respond), turn)

@@ -38,6 +38,7 @@ from etherd.core.events import Idempotency, IdempotentAnswer, StoredEvent, TaskW
 from etherd.core.tasks import TERMINAL, Action, Expire, Task, apply
 from etherd.services.eventlog import AlreadyAnswered, EventLog, TaskConflict
 from etherd.services.state import ServerState
+from etherd.services.turns import Turn
 
 __all__ = ["Answer", "TaskCache", "TaskService", "View", "now_ms"]
 
@@ -164,13 +165,15 @@ class TaskService:
         check: Callable[[Task | None], None],
         view: View,
         idem: Idempotency | None = None,
+        turn: Turn | None = None,
     ) -> Answer | IdempotentAnswer:
         """Apply an action and store the task with its events in one commit.
 
         ``check`` authorises the caller against the task as read; ``view`` renders the
         answer (also stored under ``idem``, in the same commit). The task is taken from the
         row cache when it is there; a refusal (from ``check`` or ``apply``) computed from a
-        cached row is confirmed against a fresh read first.
+        cached row is confirmed against a fresh read first. ``turn`` keeps a pipelined
+        request's commit in request order (``services.turns``).
 
         Returns:
             The new answer, or the stored ``IdempotentAnswer`` of an earlier request with
@@ -211,7 +214,7 @@ class TaskService:
                 task=_row(new, 0 if task is None else task.version),
             )
             try:
-                await self.eventlog.commit(write)
+                await self.eventlog.commit(write, turn)
             except TaskConflict:
                 cache.drop(task_id)
                 continue

@@ -105,6 +105,8 @@ class Batcher:
     async def submit(self, write: Write) -> list[StoredEvent]:
         """Store one write with the next group commit; return its stored events.
 
+        Equivalent to awaiting ``enqueue(write)``.
+
         Raises:
             Overloaded: the queue already holds ``queue_max_rows`` rows.
             StoreUnavailable: the store is down (known, or found during this commit), or
@@ -114,6 +116,15 @@ class Batcher:
             IdempotencyConflict: the write's idempotency key was already used.
             Anything else the store refused this write alone with (e.g. what ``respond``
             raised); the rest of its batch was stored.
+        """
+        return await self.enqueue(write)
+
+    def enqueue(self, write: Write) -> asyncio.Future[list[StoredEvent]]:
+        """Queue one write for the next group commit, now; the future is its outcome.
+
+        Writes are committed in the order they were queued. Raises at once (nothing is
+        queued) what ``submit`` raises before a commit: ``StoreUnavailable`` and
+        ``Overloaded``; the rest comes through the future.
         """
         if self._down is not None:
             raise StoreUnavailable(str(self._down))
@@ -130,7 +141,7 @@ class Batcher:
         self._queue.append(_Pending(write, future, rows, time.monotonic()))
         self._queued_rows += rows
         self._wakeup.set()
-        return await future
+        return future
 
     async def drain(self) -> None:
         """Commit everything queued, then stop. New submits fail from now on."""

@@ -41,11 +41,16 @@ Handler = Callable[[Request, dict[str, str]], Awaitable[Result]]
 
 
 class Route(NamedTuple):
-    """One entry of the route table."""
+    """One entry of the route table.
+
+    ``streams``: the route may answer with a ``Stream`` or an ``Upgrade`` (it takes the
+    connection over), so pipelined requests after it wait until it has answered.
+    """
 
     method: str
     template: str
     handler: Handler
+    streams: bool = False
 
 
 class Dispatcher:

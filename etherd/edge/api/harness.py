@@ -98,7 +98,9 @@ class HarnessRoutes:
         view: View,
     ) -> Response:
         idem = idempotency(request, principal, self.state.config.http.max_idempotency_key_chars)
-        answer = await self.tasks.mutate(task_id, action, _check(principal, task_id), view, idem)
+        answer = await self.tasks.mutate(
+            task_id, action, _check(principal, task_id), view, idem, request.turn
+        )
         return answer_of(answer)
 
     def _lease_ms(self) -> int:

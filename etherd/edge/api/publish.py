@@ -51,7 +51,9 @@ class PublishRoutes:
             return 200, _answer_body(items, stored, epoch)
 
         try:
-            stored = await publisher.publish(items, idem, respond if idem is not None else None)
+            stored = await publisher.publish(
+                items, idem, respond if idem is not None else None, request.turn
+            )
         except AlreadyAnswered as exc:
             return answer_of(exc.answer)
         return Response(200, _answer_body(items, stored, epoch))

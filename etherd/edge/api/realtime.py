@@ -35,13 +35,18 @@ class RealtimeRoutes:
     def routes(self) -> list[Route]:
         """The route table entries (the echo endpoint only when ``ws.echo_path`` is set)."""
         table = [
-            Route("GET", "/api/realtime", lambda req, p: self.upgrade(req)),
+            Route("GET", "/api/realtime", lambda req, p: self.upgrade(req), streams=True),
             Route("GET", "/api/realtime/config", lambda req, p: self.client_config(req)),
-            Route("GET", "/api/events", lambda req, p: self.events(req, req.param("topic"))),
+            Route(
+                "GET",
+                "/api/events",
+                lambda req, p: self.events(req, req.param("topic")),
+                streams=True,
+            ),
         ]
         echo_path = self.realtime.config.ws.echo_path
         if echo_path:
-            table.append(Route("GET", echo_path, lambda req, p: self.echo(req)))
+            table.append(Route("GET", echo_path, lambda req, p: self.echo(req), streams=True))
         return table
 
     async def upgrade(self, request: Request) -> Upgrade:

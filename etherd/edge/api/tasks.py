@@ -93,7 +93,12 @@ class TaskRoutes:
             Route("GET", "/api/tasks/{id}", lambda req, p: self.get(req, p["id"])),
             Route("GET", "/api/tasks/{id}/delivery", lambda req, p: self.delivery(req, p["id"])),
             Route("GET", "/api/tasks/{id}/timeline", lambda req, p: self.timeline(req, p["id"])),
-            Route("GET", "/api/tasks/{id}/events", lambda req, p: self.events(req, p["id"])),
+            Route(
+                "GET",
+                "/api/tasks/{id}/events",
+                lambda req, p: self.events(req, p["id"]),
+                streams=True,
+            ),
             Route("POST", "/api/tasks/{id}/answer", lambda req, p: self.answer(req, p["id"])),
             Route("POST", "/api/tasks/{id}/cancel", lambda req, p: self.cancel(req, p["id"])),
             Route("GET", "/api/activity", lambda req, p: self.activity(req)),
@@ -115,7 +120,9 @@ class TaskRoutes:
         status: int = 200,
     ) -> Response:
         idem = idempotency(request, principal, self.state.config.http.max_idempotency_key_chars)
-        answer = await self.tasks.mutate(task_id, action, check, lambda t: _viewed(t, status), idem)
+        answer = await self.tasks.mutate(
+            task_id, action, check, lambda t: _viewed(t, status), idem, request.turn
+        )
         return answer_of(answer)
 
     async def _readable(self, request: Request, task_id: str) -> Task:

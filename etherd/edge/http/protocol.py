@@ -1,11 +1,16 @@
 """HTTP/1.1 on httptools: keep-alive, ordered pipelining, limits, timeouts, and the hand-off
 of a connection to a stream (Server-Sent Events) or to WebSocket framing.
 
-One ``HttpConnection`` per TCP connection. Requests are parsed as bytes arrive and queued;
-one coroutine per busy connection answers them in order (RFC 9112 section 9.3.2), so a
-handler may await a commit without reordering responses. Reading pauses when too many
-requests are queued. Every refusal is a JSON error body (contract section 8); a parse error
-also closes the connection, since the byte stream can no longer be trusted.
+One ``HttpConnection`` per TCP connection. Requests are parsed as bytes arrive. Up to
+``http.max_pipelined`` requests of a connection are handled at once, so the events of a
+pipelining client share one group commit, and they are answered strictly in request order
+(RFC 9112 section 9.3.2). Their writes enter the commit in request order too (each request
+gets a ``Turn``, see ``services.turns``). A request to a route that may take the
+connection over (an SSE stream, a WebSocket upgrade) is a barrier: it is handled only once
+everything before it is answered, and nothing after it is started until it has answered.
+Reading pauses while ``http.max_pipelined`` requests are waiting or being handled. Every
+refusal is a JSON error body (contract section 8); a parse error also closes the
+connection, since the byte stream can no longer be trusted.
 
 Limits: ``http.max_header_bytes`` (request line and headers, 431), ``http.max_headers``
 (431), ``http.max_body_bytes`` (413, checked against Content-Length before the body is
@@ -15,8 +20,9 @@ whole in time, else 408), ``http.keepalive_timeout_s`` (idle connections close),
 ``http.write_high_water_bytes`` (the transport's high-water mark).
 
 The connection knows nothing of routes or services: it gets a ``dispatch`` callable that
-turns a request into a result, the route table's ``methods`` for CORS preflights, an
-``on_response`` hook (metrics, access log) and the shared ``ServerState``.
+turns a request into a result, the route table's ``methods`` for CORS preflights and
+``streams`` for barriers, an ``on_response`` hook (metrics, access log) and the shared
+``ServerState``.
 """
 
 from __future__ import annotations
@@ -42,6 +48,7 @@ from etherd.edge.http.response import (
     render,
 )
 from etherd.services.state import ServerState
+from etherd.services.turns import Turn
 
 __all__ = ["Dispatch", "HttpConnection"]
 
@@ -72,12 +79,14 @@ class HttpConnection(asyncio.Protocol):
         state: ServerState,
         dispatch: Dispatch,
         methods: Callable[[str], list[str]],
+        streams: Callable[[str, str], bool],
         on_response: OnResponse,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.state = state
         self._dispatch = dispatch
         self._methods = methods
+        self._streams = streams
         self._on_response = on_response
         # Kept, not asked for per request: on 3.11 get_running_loop() is a getpid() call.
         self._loop = loop
@@ -94,8 +103,12 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._completed = 0
+        # Parsed and not yet started; started and not yet answered (in request order).
         self._queue: deque[Request] = deque()
-        self._busy = False
+        self._running: deque[tuple[Request, asyncio.Task[Result]]] = deque()
+        # A request that may take the connection over is running: start nothing after it.
+        self._barrier = False
+        self._last_turn: Turn | None = None
         self._reading_paused = False
         self._closing = False
         self._timer: asyncio.TimerHandle | None = None
@@ -243,43 +256,81 @@ class HttpConnection(asyncio.Protocol):
             self.peer,
         )
         self._queue.append(request)
-        if len(self._queue) >= self._max_pipelined and self.transport and not self._reading_paused:
+        if (
+            len(self._queue) + len(self._running) >= self._max_pipelined
+            and self.transport
+            and not self._reading_paused
+        ):
             self._reading_paused = True
             self.transport.pause_reading()
-        if not self._busy:
-            self._busy = True
-            self._loop.create_task(self._serve())
+        self._start()
 
     # -- answering -------------------------------------------------------------------------
 
-    async def _serve(self) -> None:
+    def _start(self) -> None:
+        """Start waiting requests, as many as the pipeline and any barrier allow."""
+        queue = self._queue
+        running = self._running
+        while queue and not self._barrier and not self._closing:
+            if len(running) >= self._max_pipelined:
+                return
+            request = queue[0]
+            barrier = request.upgrade or self._streams(request.method, request.path)
+            if barrier and running:
+                return  # it waits until everything before it is answered
+            queue.popleft()
+            self._barrier = barrier
+            turn = Turn(self._last_turn, self._loop)
+            self._last_turn = turn
+            request.turn = turn
+            task = self._loop.create_task(self._handle(request, turn))
+            running.append((request, task))
+            task.add_done_callback(self._finished)
+
+    async def _handle(self, request: Request, turn: Turn) -> Result:
         state = self.state
+        if state.inflight >= state.config.http.max_inflight:
+            turn.done()
+            return error_response(
+                Refusal("overloaded", "too many requests in flight; retry shortly")
+            )
+        state.inflight += 1
         try:
-            while self._queue and not self._closing:
-                request = self._queue.popleft()
-                if self._reading_paused and len(self._queue) < self._max_pipelined // 2:
-                    self._reading_paused = False
-                    if self.transport:
-                        self.transport.resume_reading()
-                if state.inflight >= state.config.http.max_inflight:
-                    result: Result = error_response(
-                        Refusal("overloaded", "too many requests in flight; retry shortly")
-                    )
-                else:
-                    state.inflight += 1
-                    try:
-                        if is_preflight(request):
-                            result = (self._cors or policy(())).preflight(request, self._methods)
-                        else:
-                            result = await self._dispatch(request)
-                    finally:
-                        state.inflight -= 1
-                if not self._answer(request, result):
-                    return
+            if is_preflight(request):
+                return (self._cors or policy(())).preflight(request, self._methods)
+            return await self._dispatch(request)
         finally:
-            self._busy = False
-        if not self._closing and self._incoming is None:
-            self._arm(state.config.http.keepalive_timeout_s, self._idle_timeout)
+            state.inflight -= 1
+            # Whether or not it wrote anything, the next request may now commit.
+            turn.done()
+
+    def _finished(self, _task: asyncio.Task[Result]) -> None:
+        """Answer, in request order, every request whose turn has come and that is done."""
+        running = self._running
+        while running and running[0][1].done():
+            request, task = running.popleft()
+            try:
+                result = task.result()
+            except asyncio.CancelledError:
+                return
+            if not self._answer(request, result):
+                self._drop_pending()
+                return
+            self._barrier = False
+        if self._closing:
+            return
+        if self._reading_paused and len(self._queue) + len(running) < self._max_pipelined // 2:
+            self._reading_paused = False
+            if self.transport:
+                self.transport.resume_reading()
+        self._start()
+        if not running and not self._queue and self._incoming is None:
+            self._arm(self.state.config.http.keepalive_timeout_s, self._idle_timeout)
+
+    def _drop_pending(self) -> None:
+        """The connection stopped serving requests: nothing after this is answered."""
+        self._queue.clear()
+        self._running.clear()
 
     def _answer(self, request: Request, result: Result) -> bool:
         """Write one answer; False when the connection stops serving requests."""
@@ -356,13 +407,13 @@ class HttpConnection(asyncio.Protocol):
 
     def _idle_timeout(self) -> None:
         self._timer = None
-        if not self._busy and not self._queue and self._incoming is None and self.transport:
+        if not self.busy and self._incoming is None and self.transport:
             self._closing = True
             self.transport.close()
 
     def close_if_idle(self) -> bool:
         """Close a keep-alive connection that has nothing in progress (for shutdown)."""
-        if not self._busy and not self._queue and self._incoming is None and self.transport:
+        if not self.busy and self._incoming is None and self.transport:
             self._closing = True
             self.transport.close()
             return True
@@ -371,4 +422,4 @@ class HttpConnection(asyncio.Protocol):
     @property
     def busy(self) -> bool:
         """Whether a request is being answered or waiting to be."""
-        return self._busy or bool(self._queue)
+        return bool(self._running or self._queue)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from urllib.parse import parse_qs
 
+from etherd.services.turns import Turn
+
 __all__ = ["Request"]
 
 
@@ -20,6 +22,7 @@ class Request:
         "peer",
         "query",
         "received",
+        "turn",
         "upgrade",
     )
 
@@ -44,6 +47,8 @@ class Request:
         self.peer = peer
         # When parsing completed (time.perf_counter()), for the latency metrics.
         self.received = time.perf_counter()
+        # The request's place in its connection's commit order (set when it is dispatched).
+        self.turn: Turn | None = None
 
     def param(self, name: str) -> str | None:
         """The first value of a query parameter, or None."""

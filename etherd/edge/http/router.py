@@ -97,10 +97,22 @@ class LabelledRouter(Router[H]):
     def __init__(self) -> None:
         super().__init__()
         self._templates: Router[str] = Router()
+        self._streaming: set[tuple[str, str]] = set()
 
-    def add(self, method: str, template: str, handler: H) -> None:
+    def add(self, method: str, template: str, handler: H, *, streams: bool = False) -> None:
+        """Register a handler; ``streams``: it may take the connection over."""
         super().add(method, template, handler)
         self._templates.add(method, template, template)
+        if streams:
+            self._streaming.add((method, template))
+
+    def streams(self, method: str, path: str) -> bool:
+        """Whether the route a request resolves to may take the connection over."""
+        if not self._streaming:
+            return False
+        if method == "HEAD":
+            method = "GET"
+        return (method, self.template(method, path)) in self._streaming
 
     def template(self, method: str, path: str) -> str:
         """The template of the route a request resolves to, or ``OTHER_ROUTE``."""

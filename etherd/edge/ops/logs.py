@@ -58,9 +58,3 @@ def setup_logging(config: LogConfig) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root.handlers[:] = [handler]
     root.setLevel(config.level.upper())
-    # picows logs every connect and disconnect at INFO and every peer's protocol violation at
-    # ERROR: a misbehaving client could flood the log, and the close code already tells it
-    # what went wrong. Its lines show only at debug level.
-    logging.getLogger("picows").setLevel(
-        logging.DEBUG if root.level <= logging.DEBUG else logging.CRITICAL
-    )

@@ -95,6 +95,7 @@ class Harness:
             self.state,
             dispatch or echo,
             lambda path: ["GET"],
+            lambda method, path: path.startswith("/stream"),
             lambda req, status: self.answered.append((req.path if req else None, status)),
             asyncio.get_running_loop(),
         )
@@ -262,3 +263,66 @@ def test_100_continue_is_sent_before_the_body() -> None:
         return early
 
     assert asyncio.run(go()) == b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+def test_pipelined_requests_run_at_once_but_commit_in_request_order() -> None:
+    async def go() -> tuple[list[str], list[str], list[tuple[int, bytes]]]:
+        started: list[str] = []
+        committed: list[str] = []
+        delay = {"/a": 0.05, "/b": 0.0, "/c": 0.01}
+
+        async def dispatch(request: Request) -> Result:
+            started.append(request.path)
+            await asyncio.sleep(delay[request.path])
+            assert request.turn is not None
+            await request.turn.wait()
+            committed.append(request.path)
+            request.turn.done()
+            return Response(200, request.path.encode())
+
+        h = Harness(Config(), dispatch)
+        h.feed(get("/a") + get("/b") + get("/c"))
+        await settle()
+        at_once = list(started)
+        await asyncio.sleep(0.2)
+        return at_once, committed, h.transport.responses()
+
+    at_once, committed, answers = asyncio.run(go())
+    assert at_once == ["/a", "/b", "/c"]
+    assert committed == ["/a", "/b", "/c"]
+    assert answers == [(200, b"/a"), (200, b"/b"), (200, b"/c")]
+
+
+def test_a_streaming_route_is_a_barrier_in_the_pipeline() -> None:
+    async def go() -> list[list[str]]:
+        gates: dict[str, asyncio.Event] = {}
+        snapshots: list[list[str]] = []
+        started: list[str] = []
+
+        async def dispatch(request: Request) -> Result:
+            started.append(request.path)
+            gate = gates.setdefault(request.path, asyncio.Event())
+            await gate.wait()
+            return Response(200, request.path.encode())
+
+        h = Harness(Config(), dispatch)
+        h.feed(get("/a") + get("/stream") + get("/b"))
+        await settle()
+        snapshots.append(list(started))  # /stream waits for /a
+        gates["/a"].set()
+        await settle(20)
+        snapshots.append(list(started))  # /b waits for /stream
+        gates["/stream"].set()
+        await settle(20)
+        snapshots.append(list(started))
+        gates["/b"].set()
+        await settle(20)
+        snapshots.append([p.decode() for _, p in h.transport.responses()])
+        return snapshots
+
+    assert asyncio.run(go()) == [
+        ["/a"],
+        ["/a", "/stream"],
+        ["/a", "/stream", "/b"],
+        ["/a", "/stream", "/b"],
+    ]
