@@ -213,6 +213,14 @@ class Hub:
         """Distinct topics and patterns with at least one subscriber."""
         return self._trie.pattern_count
 
+    def topic_subscribers(self, limit: int) -> list[tuple[str, int]]:
+        """``(topic or pattern, subscribers)`` for the ``limit`` busiest, most first.
+
+        Read-only and off the hot path (see ``TopicTrie.subscriber_counts``): the operator
+        view asks for it every few seconds.
+        """
+        return self._trie.subscriber_counts(limit)
+
     def is_empty(self) -> bool:
         """No subscriptions left (used by tests to prove nothing leaks)."""
         return self._trie.is_empty()
