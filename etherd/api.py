@@ -1,5 +1,4 @@
-"""Route handlers: health, the realtime upgrade and SSE streams, the publish API, and the
-built-in live viewer page at ``/``.
+"""Route handlers: health, the realtime upgrade and SSE streams, and the publish API.
 
 Handlers take a parsed ``Request`` and return a ``Response`` (or a ``Stream`` or an
 ``Upgrade``); refusals are raised as ``ApiError`` and rendered by ``App.dispatch``.
@@ -10,15 +9,13 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
-import re
 import time
-from importlib import resources
 from typing import Final, TypeVar
 
 import msgspec
 
 from etherd.app import App
-from etherd.auth import AuthError, Principal, may_publish, may_subscribe
+from etherd.auth import DEV_TOKEN, AuthError, Principal, may_publish, may_subscribe
 from etherd.errors import ApiError
 from etherd.eventlog import Idempotency, IdempotentAnswer, NewEvent, StoredEvent, Write
 from etherd.http import HttpConnection, Request, Response, Stream, Upgrade
@@ -47,7 +44,6 @@ MAX_IDEMPOTENCY_KEY: Final = 255
 def install(app: App) -> None:
     """Register every route on the app's router."""
     r = app.router
-    r.add("GET", "/", lambda req, p: viewer(app, req))
     r.add("GET", "/healthz", lambda req, p: healthz(app, req))
     r.add("GET", "/readyz", lambda req, p: readyz(app, req))
     r.add("GET", "/metrics", lambda req, p: metrics_endpoint(app, req))
@@ -150,49 +146,6 @@ async def readyz(app: App, request: Request) -> Response:
     return json_response(200, {"status": "ready", "epoch": app.epoch})
 
 
-# -- viewer --------------------------------------------------------------------------------
-
-
-def _inline_hash(html: bytes, tag: bytes) -> bytes:
-    """The CSP source expression allowing the one inline ``<tag>`` block of the page."""
-    start = html.index(b"<" + tag + b">") + len(tag) + 2
-    end = html.index(b"</" + tag + b">", start)
-    return b"'sha256-" + base64.b64encode(hashlib.sha256(html[start:end]).digest()) + b"'"
-
-
-VIEWER: Final = resources.files("etherd").joinpath("viewer.html").read_bytes()
-# Only the page's own inline script and style run; it may connect to this server only.
-_VIEWER_CSP: Final = (
-    b"default-src 'none'; script-src "
-    + _inline_hash(VIEWER, b"script")
-    + b"; style-src "
-    + _inline_hash(VIEWER, b"style")
-    + b"; img-src data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'; "
-    b"connect-src 'self'"
-)
-_HOST: Final = re.compile(r"[A-Za-z0-9.\-]+(:[0-9]{1,5})?|\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?")
-
-
-async def viewer(app: App, request: Request) -> Response:
-    """``GET /``: a small page that subscribes to a topic and lists its events live."""
-    csp = _VIEWER_CSP
-    host = request.headers.get("host", "")
-    if _HOST.fullmatch(host):
-        # 'self' covers ws: and wss: in CSP Level 3; older browsers need them spelled out.
-        csp += b" ws://" + host.encode() + b" wss://" + host.encode()
-    return Response(
-        200,
-        VIEWER,
-        b"text/html; charset=utf-8",
-        headers=(
-            (b"Content-Security-Policy", csp),
-            (b"X-Content-Type-Options", b"nosniff"),
-            (b"Referrer-Policy", b"no-referrer"),
-            (b"Cache-Control", b"no-cache"),
-        ),
-    )
-
-
 # -- realtime ------------------------------------------------------------------------------
 
 
@@ -264,15 +217,16 @@ async def realtime_config(app: App, request: Request) -> Response:
     """``GET /api/realtime/config``: how clients should connect."""
     base = app.config.public_url
     ws_base = "ws" + base[4:] if base.startswith("http") else base
-    return json_response(
-        200,
-        {
-            "prefer_websocket": app.config.realtime.prefer_websocket,
-            "websocket_url": ws_base + "/api/realtime",
-            "sse_url": base + "/api/events",
-            "replay_max_events": app.config.realtime.replay_max_events,
-        },
-    )
+    body: dict[str, object] = {
+        "prefer_websocket": app.config.realtime.prefer_websocket,
+        "websocket_url": ws_base + "/api/realtime",
+        "sse_url": base + "/api/events",
+        "replay_max_events": app.config.realtime.replay_max_events,
+    }
+    if app.config.dev_auth:
+        # Only on a loopback listener: lets the browser UI work at once in development.
+        body["dev_token"] = DEV_TOKEN
+    return json_response(200, body)
 
 
 async def events(app: App, request: Request, topic: str | None) -> Stream:

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import msgspec
 
-from etherd import task_api
+from etherd import task_api, webui
 from etherd.api import install
 from etherd.app import App
 from etherd.config import Config, ConfigError, is_loopback, masked
@@ -101,6 +101,7 @@ class Server:
         self.app = app
         install(app)
         task_api.install(app)
+        webui.install(app)
         await app.start()
         loop = asyncio.get_running_loop()
         cfg = self.config.server
