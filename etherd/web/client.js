@@ -14,7 +14,8 @@
  * - uses SSE (one EventSource per topic, resuming with `Last-Event-ID` or `?since=`) when
  *   `GET /api/realtime/config` says `prefer_websocket: false` or a WebSocket cannot be opened;
  * - renews the token before it expires with the WebSocket `refresh` action, and falls back
- *   to reconnecting with the new token when the server does not know that action.
+ *   to reconnecting with the new token when the server does not know that action (or the
+ *   new token names another subject or role).
  *
  * Usage:
  *
@@ -578,6 +579,9 @@ export class RealtimeClient {
       if (reply.code === "bad_request") {
         // The server does not know the refresh action: reconnect with the new token.
         this._refreshSupported = false;
+        this.reconnect();
+      } else if (reply.code === "forbidden") {
+        // A good token for another subject or role: that takes a new connection.
         this.reconnect();
       } else {
         // Refused token: the old one stays in force until it expires (then 4001).

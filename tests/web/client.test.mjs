@@ -371,6 +371,21 @@ describe("token refresh", () => {
     assert.equal(ws.closedWith, null);
   });
 
+  test("a token for another subject or role takes a new connection", async () => {
+    const { client, setToken } = makeClient({ token: "alice" });
+    client.subscribe(TOPIC, { since: 0 });
+    const ws = await connected(client);
+    ws.receive(ack(TOPIC, 0));
+    setToken("bob");
+    await client.refreshToken();
+    const [refresh] = ws.commands("refresh");
+    ws.receive({ type: "error", id: refresh.id, code: "forbidden", message: "same subject" });
+    await flush();
+    assert.match(FakeSocket.last().url, /token=bob$/);
+    FakeSocket.last().open();
+    assert.deepEqual(FakeSocket.last().commands("subscribe")[0].since, { [TOPIC]: 0 });
+  });
+
   test("the same token again changes nothing", async () => {
     const { client } = makeClient();
     client.subscribe(TOPIC, { since: 0 });
