@@ -132,16 +132,17 @@ export class TaskView {
         api("GET", `/api/tasks/${encodeURIComponent(this.id)}/timeline?since=0&limit=1000`),
       ]);
       if (this.destroyed) return;
-      // Events after `offset` arrive live; keep what came before it only.
-      const entries = tl.entries.filter((e) => offset === null || e.offset <= offset);
-      this.task = task;
-      this.timeline = entries;
-      this.steps = entries
+      // Events after `offset` arrive live (some may have while this was read): the timeline
+      // read gives what came before it.
+      const before = (e) => offset === null || e.offset <= offset;
+      const entries = tl.entries.filter(before);
+      const steps = entries
         .filter((e) => e.kind === "step")
         .map((e) => ({ offset: e.offset, user_message: e.summary, internal_label: "", phase: e.phase, at: e.at }));
-      if (!this.steps.length && task.last_step) {
-        this.steps = [{ ...task.last_step, offset: 0 }];
-      }
+      if (!steps.length && task.last_step) steps.push({ ...task.last_step, offset: 0 });
+      this.task = task;
+      this.timeline = [...entries, ...this.timeline.filter((e) => !before(e))];
+      this.steps = [...steps, ...this.steps.filter((e) => !before(e))];
       this.narration.replaceChildren();
       this.timelineList.replaceChildren();
       this.shownSteps = this.shownTimeline = 0;
