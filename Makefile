@@ -29,8 +29,10 @@ $(BENCH): pyproject.toml $(DEV)
 run: $(RUNTIME)
 	$(BIN)/etherd serve
 
-## test: install the development tools, then lint, type-check and run the whole suite
+## test: install the development tools (and the browser the UI tests drive), then lint,
+## type-check and run the whole suite
 test: $(DEV) lint typecheck
+	sh tests/browser/ensure-browser.sh
 	$(BIN)/python -m pytest
 
 lint: $(DEV)

@@ -48,7 +48,7 @@ from etherd.edge.api.ops import OpsRoutes
 from etherd.edge.api.publish import PublishRoutes
 from etherd.edge.api.realtime import RealtimeRoutes
 from etherd.edge.api.tasks import TaskRoutes
-from etherd.edge.api.viewer import ViewerRoutes
+from etherd.edge.api.web import WebRoutes
 from etherd.edge.http.protocol import HttpConnection
 from etherd.edge.http.router import LabelledRouter
 from etherd.edge.ops.keyfiles import read_key_files
@@ -62,7 +62,7 @@ from etherd.services.publisher import Publisher
 from etherd.services.realtime import Realtime
 from etherd.services.retention import Retention
 from etherd.services.state import ServerState
-from etherd.services.stats import RuntimeStats
+from etherd.services.stats import RateSampler, RuntimeStats
 from etherd.services.taskservice import TaskService
 from etherd.store import Batcher
 from etherd.store.factory import open_store
@@ -93,7 +93,7 @@ class Services:
     """Everything one etherd process runs, built and wired in one place."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
-        self.state = state = ServerState(config)
+        self.state = state = ServerState(config, node_id=f"{socket.gethostname()}-{os.getpid()}")
         self.auth = Authenticator(
             config.auth, dev=config.dev_auth, key_files=read_key_files(config.auth)
         )
@@ -115,16 +115,14 @@ class Services:
         self.keepalive = Keepalive(state)
         self.retention = Retention(eventlog, state)
         self.router: LabelledRouter[Handler] = LabelledRouter()
-        self.metrics = Metrics(
-            RuntimeStats(state, hub, self.batcher, self.tasks),
-            self.router.template,
-            lambda: state.config.log,
-        )
+        self.stats = stats = RuntimeStats(state, hub, eventlog, self.tasks)
+        self.rates = RateSampler.of(stats)
+        self.metrics = Metrics(stats, self.router.template, lambda: state.config.log)
         self.batcher.on_commit = self.metrics.on_commit
         realtime_routes = RealtimeRoutes(self.auth, realtime)
         for routes in (
-            ViewerRoutes(),
-            OpsRoutes(self.auth, eventlog, self.metrics, state),
+            WebRoutes(self.auth),
+            OpsRoutes(self.auth, eventlog, self.metrics, stats, self.rates, state),
             realtime_routes,
             PublishRoutes(self.auth, self.publisher, state),
             TaskRoutes(self.auth, self.tasks, eventlog, realtime_routes, state),
@@ -220,6 +218,7 @@ class Server:
             services.retention.run_forever(),
             services.tasks.sweep_forever(),
             services.tasks.count_forever(),
+            services.rates.run_forever(),
         ):
             self._tasks.append(loop.create_task(job))
         self._background.append(loop.create_task(services.metrics.measure_loop_lag()))

@@ -199,6 +199,14 @@ class Hub:
         """How many sinks an event published to ``topic`` would reach (presence)."""
         return len(self._trie.match(topic))
 
+    def topic_subscribers(self, limit: int) -> list[tuple[str, int]]:
+        """``(topic or pattern, subscribers)`` for the ``limit`` busiest, most first.
+
+        Read-only and off the hot path (see ``TopicTrie.subscriber_counts``): the operator
+        view asks for it every few seconds.
+        """
+        return self._trie.subscriber_counts(limit)
+
     def is_empty(self) -> bool:
         """No subscriptions left (used by tests to prove nothing leaks)."""
         return self._trie.is_empty()

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Collection, Hashable
+from heapq import nsmallest
 from itertools import islice
 from typing import Final, Generic, TypeVar
 
@@ -312,6 +313,31 @@ class TopicTrie(Generic[S]):
                     del cache[key]
             cache[topic] = result
         return result
+
+    def subscriber_counts(self, limit: int) -> list[tuple[str, int]]:
+        """The ``limit`` patterns (or exact topics) with the most subscribers, most first.
+
+        Ties are listed by name. Read-only, for an operator's overview rather than the hot
+        path: it reads the size of each exact entry and walks the wildcard trie once (few
+        nodes next to the exact topics), then keeps the top ``limit`` with a heap, so it
+        costs O(P log limit) for P distinct patterns and allocates nothing per subscriber.
+        """
+        if limit <= 0:
+            return []
+        counts: list[tuple[str, int]] = [(topic, len(subs)) for topic, subs in self._exact.items()]
+        if self._wild:
+            stack: list[tuple[_Node[S], str]] = [(self._root, "")]
+            while stack:
+                node, prefix = stack.pop()
+                if node.subs is not None:
+                    counts.append((prefix, len(node.subs)))
+                if node.full is not None:
+                    counts.append((f"{prefix}/>" if prefix else ">", len(node.full)))
+                for segment, child in node.lit.items():
+                    stack.append((child, f"{prefix}/{segment}" if prefix else segment))
+                if node.star is not None:
+                    stack.append((node.star, f"{prefix}/*" if prefix else "*"))
+        return nsmallest(limit, counts, key=lambda item: (-item[1], item[0]))
 
     def has_interest(self, topic: str) -> bool:
         """Whether at least one subscriber would receive an event on ``topic``."""

@@ -90,7 +90,8 @@ class Connections:
     """Open connections by kind, and the counters about them the metrics read."""
 
     def __init__(self) -> None:
-        self.sessions: set[Session] = set()
+        # Insertion-ordered, so a drain closes the oldest sessions first.
+        self.sessions: dict[Session, None] = {}
         # WebSocket sessions per token subject (``ws.max_connections_per_subject``).
         self.subjects: Counter[str] = Counter()
         self.streams: set[Stream] = set()
@@ -101,14 +102,14 @@ class Connections:
 
     def session_opened(self, session: Session) -> None:
         """Track an accepted WebSocket session."""
-        self.sessions.add(session)
+        self.sessions[session] = None
         self.subjects[session.subject] += 1
         self.sessions_accepted += 1
 
     def session_closed(self, session: Session) -> None:
         """Forget a session (idempotent)."""
         if session in self.sessions:
-            self.sessions.discard(session)
+            del self.sessions[session]
             subject = session.subject
             self.subjects[subject] -= 1
             if self.subjects[subject] <= 0:
@@ -118,8 +119,10 @@ class Connections:
 class ServerState:
     """The running configuration, the draining flag and the connection registry."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, node_id: str = "local") -> None:
         self.config = config
+        # This process's name among the nodes of a cluster (``cluster.node_id``).
+        self.node_id = node_id
         self.draining = False
         self.connections = Connections()
         # Requests being handled across the server (``http.max_inflight``).

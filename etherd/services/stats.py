@@ -1,30 +1,41 @@
-"""The running numbers of one etherd process, read at scrape time.
+"""The running numbers of one etherd process, read when asked.
 
 The hot paths count in plain ``int`` attributes of the hub, the batcher and the connection
 registry (no locks, no allocations). ``RuntimeStats`` reads them when asked, so the metrics
-exposition (``edge.ops.metrics``) and any other report depend on this one narrow view,
-never on the objects that keep the counters.
+exposition (``edge.ops.metrics``), the operator's stats (``GET /api/admin/stats``) and any
+other report depend on this one narrow view, never on the objects that keep the counters.
+``RateSampler`` turns the counters that only grow into rates over the last few seconds.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
+from typing import Final, NamedTuple
 
 from etherd.core.hub import Hub
+from etherd.services.eventlog import EventLog
 from etherd.services.state import ServerState
 from etherd.services.taskservice import TaskService
-from etherd.store import Batcher
 
-__all__ = ["RuntimeStats"]
+__all__ = ["Counters", "RateSampler", "Rates", "RuntimeStats"]
+
+SAMPLE_INTERVAL_S: Final = 1.0
+RATE_WINDOW_S: Final = 5.0
 
 
 class RuntimeStats:
     """Counters and gauges of the process, as properties read at use time."""
 
-    def __init__(self, state: ServerState, hub: Hub, batcher: Batcher, tasks: TaskService) -> None:
+    def __init__(
+        self, state: ServerState, hub: Hub, eventlog: EventLog, tasks: TaskService
+    ) -> None:
         self._state = state
         self._hub = hub
-        self._batcher = batcher
+        self._eventlog = eventlog
+        self._batcher = eventlog.batcher
         self._tasks = tasks
 
     # -- process ---------------------------------------------------------------------------
@@ -38,6 +49,11 @@ class RuntimeStats:
     def draining(self) -> bool:
         """A graceful stop is under way."""
         return self._state.draining
+
+    @property
+    def node_id(self) -> str:
+        """This process's name among the nodes of a cluster."""
+        return self._state.node_id
 
     # -- connections -----------------------------------------------------------------------
 
@@ -83,6 +99,10 @@ class RuntimeStats:
         """Distinct topics and patterns with a subscriber."""
         return self._hub.topic_count
 
+    def busiest_topics(self, limit: int) -> list[tuple[str, int]]:
+        """``(topic or pattern, subscribers)`` of the ``limit`` busiest, most first."""
+        return self._hub.topic_subscribers(limit)
+
     @property
     def published(self) -> int:
         """Events handed to the hub."""
@@ -111,6 +131,17 @@ class RuntimeStats:
         return self._batcher.is_up
 
     @property
+    def store_kind(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        url = self._state.config.store_url
+        return "postgresql" if url.startswith(("postgresql://", "postgres://")) else "sqlite"
+
+    @property
+    def epoch(self) -> str:
+        """The event log's epoch."""
+        return self._eventlog.epoch
+
+    @property
     def commits(self) -> int:
         """Group commits that succeeded."""
         return self._batcher.batches
@@ -134,3 +165,66 @@ class RuntimeStats:
     def task_counts(self) -> Mapping[str, int] | None:
         """Tasks by status, as last counted (None before the first count)."""
         return self._tasks.counts
+
+
+class Rates(NamedTuple):
+    """Per-second rates over the last few seconds."""
+
+    published_per_s: float
+    delivered_per_s: float
+    commits_per_s: float
+    stored_per_s: float
+
+
+# published, delivered (frames queued), commits, stored rows: all only ever grow.
+Counters = tuple[int, int, int, int]
+
+
+class RateSampler:
+    """Samples growing counters once a second and answers their rates over ~5 s."""
+
+    def __init__(
+        self,
+        read: Callable[[], Counters],
+        clock: Callable[[], float] = time.monotonic,
+        window_s: float = RATE_WINDOW_S,
+    ) -> None:
+        self._read = read
+        self._clock = clock
+        self._window_s = window_s
+        # One sample per interval over the window, plus one older to span it whole.
+        self._samples: deque[tuple[float, Counters]] = deque(
+            maxlen=int(window_s / SAMPLE_INTERVAL_S) + 2
+        )
+        self.sample()
+
+    @classmethod
+    def of(cls, stats: RuntimeStats) -> RateSampler:
+        """A sampler of the process's publish, delivery, commit and row counters."""
+        return cls(lambda: (stats.published, stats.delivered, stats.commits, stats.rows))
+
+    def sample(self) -> None:
+        """Record the counters now."""
+        self._samples.append((self._clock(), self._read()))
+
+    def rates(self) -> Rates:
+        """Per-second rates from the oldest sample within the window (or the oldest held,
+        when none is that recent) up to the counters now."""
+        now = self._clock()
+        current = self._read()
+        since, then = self._samples[0]
+        for at, values in self._samples:
+            if now - at <= self._window_s + SAMPLE_INTERVAL_S / 2:
+                since, then = at, values
+                break
+        elapsed = now - since
+        if elapsed <= 0:
+            return Rates(0.0, 0.0, 0.0, 0.0)
+        per_s = [round((c - t) / elapsed, 2) for c, t in zip(current, then, strict=True)]
+        return Rates(per_s[0], per_s[1], per_s[2], per_s[3])
+
+    async def run_forever(self) -> None:
+        """Sample every second."""
+        while True:
+            await asyncio.sleep(SAMPLE_INTERVAL_S)
+            self.sample()

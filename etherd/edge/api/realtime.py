@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 
-from etherd.core.auth import Authenticator
+from etherd.core.auth import DEV_TOKEN, Authenticator
 from etherd.core.errors import Refusal
 from etherd.core.topics import TopicError, is_pattern, validate_pattern
 from etherd.edge.api.common import Route, authenticate, json_response
@@ -87,15 +87,16 @@ class RealtimeRoutes:
         config = self.realtime.config
         base = config.public_url
         ws_base = "ws" + base[4:] if base.startswith("http") else base
-        return json_response(
-            200,
-            {
-                "prefer_websocket": config.realtime.prefer_websocket,
-                "websocket_url": ws_base + "/api/realtime",
-                "sse_url": base + "/api/events",
-                "replay_max_events": config.realtime.replay_max_events,
-            },
-        )
+        body: dict[str, object] = {
+            "prefer_websocket": config.realtime.prefer_websocket,
+            "websocket_url": ws_base + "/api/realtime",
+            "sse_url": base + "/api/events",
+            "replay_max_events": config.realtime.replay_max_events,
+        }
+        if config.dev_auth:
+            # Only ever on a loopback listener: lets the browser UI work at once.
+            body["dev_token"] = DEV_TOKEN
+        return json_response(200, body)
 
     async def events(self, request: Request, topic: str | None) -> Stream:
         """Server-Sent Events for one topic, resuming from ``Last-Event-ID`` or ``?since=``."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import Counter
 from functools import cache
 
 import pytest
@@ -361,6 +362,10 @@ def test_trie_agrees_with_brute_force(
             model.discard((pattern, sub))
         assert trie.subscription_count == len(model)
         assert trie.pattern_count == len({p for p, _ in model})
+        counts = Counter(p for p, _ in model)
+        assert trie.subscriber_counts(100) == sorted(
+            counts.items(), key=lambda item: (-item[1], item[0])
+        )
         for topic in TRIE_TOPICS:
             got = trie.match(topic)
             assert len(got) == len(set(got)), "each subscriber at most once"
@@ -491,3 +496,26 @@ def test_cache_stays_bounded() -> None:
 def test_negative_cache_size_is_refused() -> None:
     with pytest.raises(ValueError, match="cache_size"):
         TopicTrie(cache_size=-1)
+
+
+def test_subscriber_counts_lists_the_busiest_patterns_first() -> None:
+    trie: TopicTrie[int] = TopicTrie()
+    for sub in range(3):
+        trie.insert("tasks/a", sub)
+        trie.insert(">", sub)
+    for sub in range(2):
+        trie.insert("tasks/*", sub)
+        trie.insert("tasks/b/>", sub)
+    trie.insert("activity/alice", 9)
+    assert trie.subscriber_counts(10) == [
+        (">", 3),
+        ("tasks/a", 3),
+        ("tasks/*", 2),
+        ("tasks/b/>", 2),
+        ("activity/alice", 1),
+    ]
+    assert trie.subscriber_counts(2) == [(">", 3), ("tasks/a", 3)]
+    assert trie.subscriber_counts(0) == []
+    trie.remove("tasks/*", 0)
+    assert ("tasks/*", 1) in trie.subscriber_counts(10)
+    assert TopicTrie[int]().subscriber_counts(5) == []

@@ -78,7 +78,7 @@ class FakeEventLog:
         lapsed.sort(key=lambda t: (t.lease_expires_ms or 0, t.id))
         return [msgspec.json.encode(t) for t in lapsed[:limit]]
 
-    async def commit(self, write: Write) -> list[StoredEvent]:
+    async def commit(self, write: Write, turn: object = None) -> list[StoredEvent]:
         if self.fail is not None:
             raise self.fail
         row = write.task
