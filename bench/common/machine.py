@@ -45,11 +45,14 @@ def cpu_detail() -> str:
     return text
 
 
-def git_state() -> tuple[str | None, str | None]:
-    """``git rev-parse --short HEAD`` plus ``+dirty`` when tracked files differ from HEAD,
-    and where: ``clean``, ``dirty outside etherd/`` or ``dirty in etherd/``.
+def git_state() -> tuple[str | None, str | None, str | None]:
+    """The commit measured: ``(etherd, head, tree)``.
 
-    Untracked files do not count (as with ``git describe --dirty``).
+    ``etherd`` is the last commit that changed ``etherd/`` (what the server runs; bench
+    commits on top do not change it), ``head`` is ``git rev-parse --short HEAD``, and
+    ``tree`` says ``clean``, ``dirty outside etherd/`` or ``dirty in etherd/`` (tracked
+    files only, as with ``git describe --dirty``); with ``etherd/`` dirty the etherd commit
+    gets a ``+dirty`` suffix.
     """
 
     def git(*argv: str) -> str:
@@ -58,16 +61,18 @@ def git_state() -> tuple[str | None, str | None]:
         ).stdout
 
     try:
-        commit = git("rev-parse", "--short", "HEAD").strip()
+        head = git("rev-parse", "--short", "HEAD").strip()
+        etherd = git("log", "-1", "--format=%h", "--", "etherd").strip() or head
         changed = [
             line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()
         ]
     except (OSError, subprocess.CalledProcessError):
-        return None, None
+        return None, None, None
     if not changed:
-        return commit, "clean"
-    inside = any(path.startswith("etherd/") for path in changed)
-    return commit + "+dirty", "dirty in etherd/" if inside else "dirty outside etherd/"
+        return etherd, head, "clean"
+    if any(path.startswith("etherd/") for path in changed):
+        return etherd + "+dirty", head, "dirty in etherd/"
+    return etherd, head, "dirty outside etherd/"
 
 
 def node_version() -> str | None:
@@ -103,7 +108,7 @@ def machine_info(peers: bool = False) -> dict[str, Any]:
             versions[pkg] = version(pkg)
         except PackageNotFoundError:
             versions[pkg] = None
-    commit, tree = git_state()
+    commit, head, tree = git_state()
     # The server runs with this interpreter and environment, so it is the etherd this
     # process would import: the repository's, or a scratch copy named by PYTHONPATH.
     spec = importlib.util.find_spec("etherd")
@@ -117,6 +122,7 @@ def machine_info(peers: bool = False) -> dict[str, Any]:
         **versions,
         "sqlite": sqlite3.sqlite_version,
         "etherd_commit": commit,
+        "head_commit": head,
         "etherd_tree": tree,
         "etherd_source": "repository"
         if origin is not None and origin.is_relative_to(ROOT)
@@ -140,7 +146,8 @@ def header_lines(m: dict[str, Any]) -> list[str]:
     if m.get("node") or m.get("uws"):
         lines.append(f"- Node.js {m.get('node')}, uWS peer package {m.get('uws')}")
     lines.append(
-        f"- etherd commit {m.get('etherd_commit')}"
+        f"- etherd commit {m.get('etherd_commit')} (last change to etherd/)"
+        + (f", measured from {m['head_commit']}" if m.get("head_commit") else "")
         + (f" ({m['etherd_tree']})" if m.get("etherd_tree") else "")
     )
     return lines
