@@ -12,17 +12,18 @@ import asyncio
 import socket
 import time
 from collections import deque
-from typing import Final, cast
+from typing import Final, Self, cast
 
 TOKEN: Final = b"test"
 
 
-def post(path: bytes, body: bytes, token: bytes = TOKEN, headers: bytes = b"") -> bytes:
-    """A complete ``POST`` request with a JSON body and a Bearer token."""
+def post(path: bytes, body: bytes, token: bytes | None = TOKEN, headers: bytes = b"") -> bytes:
+    """A complete ``POST`` request with a JSON body and a Bearer token (``None``: the
+    caller's ``headers`` carry the authorization)."""
+    auth = b"Authorization: Bearer %s\r\n" % token if token is not None else b""
     return (
-        b"POST %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
-        % (path, token, len(body), headers, body)
+        b"POST %s HTTP/1.1\r\nHost: bench\r\n%sContent-Type: application/json\r\n"
+        b"Content-Length: %d\r\n%s\r\n%s" % (path, auth, len(body), headers, body)
     )
 
 
@@ -101,7 +102,8 @@ class AwaitableConn(HttpConn):
         self.waiters: deque[asyncio.Future[tuple[int, bytes]]] = deque()
 
     @classmethod
-    async def open(cls, port: int, host: str = "127.0.0.1") -> AwaitableConn:
+    async def open(cls, port: int, host: str = "127.0.0.1") -> Self:
+        """Connect to ``host:port``."""
         _, conn = await asyncio.get_running_loop().create_connection(cls, host, port)
         return conn
 

@@ -93,3 +93,27 @@ def histogram_delta(before: Scrape, after: Scrape, name: str) -> dict[str, Any]:
         "p90_bucket": quantile(0.9),
         "histogram": per,
     }
+
+
+def commit_figures(before: Scrape, after: Scrape, elapsed_s: float) -> dict[str, Any]:
+    """The group commit over a window: commits, rows, their mean size and time, and the
+    share of the window the commit pipeline was busy."""
+    commit_s = after.delta(before, "etherd_store_commit_duration_seconds_sum")
+    commits = after.delta(before, "etherd_store_commit_duration_seconds_count")
+    rows = after.delta(before, "etherd_store_rows_total")
+    return {
+        "commit_s": round(commit_s, 3),
+        "commits": int(commits),
+        "rows": int(rows),
+        "rows_per_s": round(rows / elapsed_s, 1) if elapsed_s > 0 else None,
+        "rows_per_commit": round(rows / commits, 1) if commits else None,
+        "mean_commit_ms": round(1000 * commit_s / commits, 3) if commits else None,
+        "busy_pct_of_window": round(100 * commit_s / elapsed_s, 1) if elapsed_s > 0 else None,
+    }
+
+
+def handler_mean_ms(before: Scrape, after: Scrape, route: str) -> float | None:
+    """Mean time etherd spent in one route's handler over a window (ms)."""
+    total = after.delta(before, f"etherd_http_request_duration_seconds_sum|{route}")
+    count = after.delta(before, f"etherd_http_request_duration_seconds_count|{route}")
+    return round(1000 * total / count, 3) if count else None

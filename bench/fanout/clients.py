@@ -105,12 +105,7 @@ class Subscriber(WSListener):
         except ValueError:
             self.state.bad += 1
             return
-        us = lat // 1000
-        if us < LINEAR_US:
-            self.hist[us if us > 0 else 0] += 1
-        else:
-            shift = us.bit_length() - (SUB_BUCKETS_LOG2 + 1)
-            self.hist[(shift << SUB_BUCKETS_LOG2) + (us >> shift)] += 1
+        self.hist[bucket_of(lat // 1000)] += 1
         if lat > self.state.max_ns:
             self.state.max_ns = lat
 
@@ -152,12 +147,7 @@ class TracingSubscriber(Subscriber):
         except ValueError:
             state.bad += 1
             return
-        us = lat // 1000
-        if us < LINEAR_US:
-            self.hist[us if us > 0 else 0] += 1
-        else:
-            shift = us.bit_length() - (SUB_BUCKETS_LOG2 + 1)
-            self.hist[(shift << SUB_BUCKETS_LOG2) + (us >> shift)] += 1
+        self.hist[bucket_of(lat // 1000)] += 1
         if lat > state.max_ns:
             state.max_ns = lat
         if 0 <= seq < len(state.first):
@@ -230,6 +220,7 @@ class RawReader(asyncio.BufferedProtocol):
             while j < k:
                 o = j * size + t_off
                 lat = now - int(data[o : o + T_DIGITS])
+                # bucket_of, inlined: this loop is what lets one process take 1 M frames/s.
                 us = lat // 1000
                 if us < LINEAR_US:
                     hist[us if us > 0 else 0] += 1

@@ -24,6 +24,7 @@ import uvloop
 from bench.common.cpu import pin, raise_nofile
 from bench.common.histogram import bucket_of, new_hist, to_sparse
 from bench.common.http import HttpConn
+from bench.common.openloop import schedule
 
 EVENT: Final = "bench"
 T_DIGITS: Final = 20
@@ -122,28 +123,17 @@ async def _publish(plan: PublishPlan, pipe: Connection) -> None:
     }
     pipe.send(("ready",))
     t0: int = pipe.recv()
-    step = 1e9 / plan.rate
     ntopics = len(plan.topics)
-    i = 0
+    sent = 0
     first_send = last_send = 0
-    while i < total:
+    async for i, due in schedule(t0, plan.rate, total=total):
         now = time.monotonic_ns()
-        due = t0 + int(i * step)
-        if due > now:
-            await asyncio.sleep((due - now) / 1e9)
-            continue
-        if not first_send:
-            first_send = now
-        while i < total:  # everything due by now goes out in this pass
-            due = t0 + int(i * step)
-            if due > now:
-                break
-            topic = plan.topics[i % ntopics]
-            body = prefix[topic] + template[topic] % (due, i) + b"}"
-            conns[i % len(conns)].send(head % len(body) + body)
-            tally.lag_hist[bucket_of((now - due) // 1000)] += 1
-            i += 1
-            now = time.monotonic_ns()
+        first_send = first_send or now
+        topic = plan.topics[i % ntopics]
+        body = prefix[topic] + template[topic] % (due, i) + b"}"
+        conns[i % len(conns)].send(head % len(body) + body)
+        tally.lag_hist[bucket_of((now - due) // 1000)] += 1
+        sent = i + 1
         last_send = now
     if total:
         with contextlib.suppress(TimeoutError):
@@ -152,7 +142,7 @@ async def _publish(plan: PublishPlan, pipe: Connection) -> None:
         c.close()
     result: dict[str, Any] = {
         "planned": total,
-        "sent": i,
+        "sent": sent,
         "answered": tally.answered,
         "statuses": tally.statuses,
         "errors": tally.errors,
