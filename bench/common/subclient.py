@@ -45,7 +45,7 @@ class SubClient:
         topics: int = 1,
         first: int = 0,
         prefix: str = "bench/",
-        pattern: str | None = None,
+        pattern: str | None = None,  # one topic or pattern for every subscriber
         concurrency: int = 200,
         connect_timeout: float = 30.0,
         subscribe: bool = True,

@@ -4,7 +4,8 @@
  * benchmarks use, so both can be measured with one load generator:
  *
  *   WS   /api/realtime  {"action":"subscribe","topics":[...],"id":...} -> {"type":"subscribed",...}
- *                       (also unsubscribe and ping), topics joined with uWS pub/sub;
+ *                       (also unsubscribe, ping, and publish -> {"type":"published",...}),
+ *                       topics joined with uWS pub/sub;
  *   POST /api/publish   {"topic","event","data",["durable"]} -> app.publish(topic, event JSON);
  *   GET  /healthz.
  *
@@ -46,6 +47,17 @@ function eventJson(topic, event, offset, data) {
   return fields === '{}' ? head + '}' : head + ',' + fields.slice(1);
 }
 
+// Give a publish its offset (durable events only, as etherd) and send it to the topic.
+function publish(topic, event, data, durable) {
+  let offset = null;
+  if (durable !== false) {
+    offset = (offsets.get(topic) || 0) + 1;
+    offsets.set(topic, offset);
+  }
+  app.publish(topic, eventJson(topic, event, offset, data), false);
+  return offset;
+}
+
 function onCommand(ws, text) {
   let msg;
   try {
@@ -75,6 +87,16 @@ function onCommand(ws, text) {
     case 'ping':
       reply(ws, { type: 'pong', id });
       break;
+    case 'publish': {
+      if (typeof msg.topic !== 'string' || typeof msg.event !== 'string') {
+        reply(ws, { type: 'error', id, code: 'invalid', message: 'topic and event are strings' });
+        break;
+      }
+      const offset = publish(msg.topic, msg.event, msg.data, msg.durable);
+      reply(ws, offset === null ? { type: 'published', id, topic: msg.topic }
+        : { type: 'published', id, topic: msg.topic, offset });
+      break;
+    }
     default:
       reply(ws, { type: 'error', id, code: 'bad_request', message: 'unknown action' });
   }
@@ -99,12 +121,7 @@ function onPublish(res, raw) {
     answer(res, '422 Unprocessable Entity', errorBody('invalid', 'topic and event are strings'));
     return;
   }
-  let offset = null;
-  if (body.durable !== false) {
-    offset = (offsets.get(topic) || 0) + 1;
-    offsets.set(topic, offset);
-  }
-  app.publish(topic, eventJson(topic, event, offset, data), false);
+  const offset = publish(topic, event, data, body.durable);
   const item = offset === null ? { topic, event } : { topic, event, offset };
   answer(res, '200 OK', JSON.stringify({ published: [item], epoch }));
 }
