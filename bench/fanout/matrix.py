@@ -192,15 +192,21 @@ def cell_args(n: int, rate: int, args: argparse.Namespace) -> list[str]:
 
 
 def run_matrix(args: argparse.Namespace, jsonl: Path) -> list[dict[str, Any]]:
-    todo = [] if args.side_by_side else cells(args.ns, args.rates, args.max_fps)
-    skipped = [(n, r) for n in args.ns for r in args.rates if (n, r) not in todo]
     if args.side_by_side:
-        skipped = []
-    print(
-        f"{len(todo)} cells x {args.repeat}, {args.duration:g} s each"
-        + (f"; skipped above {args.max_fps:,.0f} frames/s: {skipped}" if skipped else ""),
-        flush=True,
-    )
+        todo: list[tuple[int, int]] = []
+        print(
+            f"{len(sidebyside.STANDARD)} standard cells x {args.rounds} rounds x "
+            f"{args.peers}, {args.duration:g} s each",
+            flush=True,
+        )
+    else:
+        todo = cells(args.ns, args.rates, args.max_fps)
+        skipped = [(n, r) for n in args.ns for r in args.rates if (n, r) not in todo]
+        print(
+            f"{len(todo)} cells x {args.repeat}, {args.duration:g} s each"
+            + (f"; skipped above {args.max_fps:,.0f} frames/s: {skipped}" if skipped else ""),
+            flush=True,
+        )
     records: list[dict[str, Any]] = []
     started = time.monotonic()
     plan: list[tuple[str, list[str], dict[str, Any]]] = [
@@ -759,7 +765,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     side = args.side_by_side or any("server" in r for r in records)
     try:
         if side:
-            plots = sidebyside.plot(records, machine, out_dir)
+            plot_stem = jsonl.stem if args.plot_only else stem
+            plots = sidebyside.plot(records, machine, out_dir, plot_stem)
         else:
             plots = plot(records, machine, out_dir, note)
     except ImportError:

@@ -2,7 +2,7 @@
 
 Run from the repository root (``make bench-client bench-peers`` first)::
 
-    python -m bench.fanout.matrix --side-by-side --rounds 3
+    python -m bench.fanout.matrix --side-by-side --rounds 3 --name baseline-2026-12-01
     python -m bench.fanout.matrix --side-by-side --plot-only bench/results/sidebyside-X.jsonl
 
 Each cell is one driver process with ``--peers etherd,uws --rounds R``: the two servers
@@ -12,8 +12,8 @@ claim is the ratio etherd / uWS measured in the same process, minutes apart.
 
 Output in ``--out-dir`` (default ``bench/results``): ``sidebyside-<label>.jsonl`` (every
 run), ``sidebyside-<label>.md`` (the machine header, one row per cell and server with the
-medians over rounds, the ratios, noise) and ``sidebyside-latency.png`` /
-``sidebyside-cpu.png`` (one line per server).
+medians over rounds, the ratios, noise) and ``sidebyside-<label>-latency.png`` /
+``sidebyside-<label>-cpu.png`` (one line per server).
 """
 
 from __future__ import annotations
@@ -89,10 +89,15 @@ IDLE: Final[dict[str, Getter]] = {
 RATIO_KEYS: Final = ("p50 ms", "p99 ms", "server µs/frame", "delivered %", "RSS MB")
 
 
+def current(records: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The records a table shows: those not ``superseded`` by a rerun of their cell."""
+    return [r for r in records if not r.get("superseded")]
+
+
 def by_cell(records: Sequence[dict[str, Any]]) -> dict[tuple[int, int], dict[str, list[Any]]]:
-    """cell -> server -> its records, in run order."""
+    """cell -> server -> its records, in run order (superseded runs left out)."""
     out: dict[tuple[int, int], dict[str, list[Any]]] = {}
-    for r in records:
+    for r in current(records):
         out.setdefault(cell_of(r), {}).setdefault(r.get("server", "etherd"), []).append(r)
     return out
 
@@ -174,10 +179,11 @@ def markdown(
     records: Sequence[dict[str, Any]], machine: dict[str, Any], title: str, plots: Sequence[str]
 ) -> str:
     """The result file: header, how it was measured, the table, the plots."""
-    fan = [r for r in records if r.get("mode") == "fanout"]
+    fan = [r for r in current(records) if r.get("mode") == "fanout"]
     durations = sorted({r["duration_s"] for r in fan})
     payload = fan[0]["payload_bytes"] if fan else "?"
     noisy = [r for r in fan if (r.get("noise_pct") or 0) > 5.0]
+    superseded = len(records) - len(current(records))
     lines = [
         f"# {title}",
         "",
@@ -197,6 +203,11 @@ def markdown(
             f"- {len(noisy)} of {len(fan)} runs had more than 5 % of a core of noise from "
             "other processes (other test suites on this machine); see the JSON lines."
         )
+    if superseded:
+        lines.append(
+            f"- {superseded} runs are marked `superseded` in the JSON lines: their cell was "
+            "measured again because other processes disturbed it; the table shows the rerun."
+        )
     lines += ["", *table(records)]
     lines += [f"![{Path(p).stem}]({Path(p).name})" for p in plots]
     return "\n".join(lines).rstrip() + "\n"
@@ -212,8 +223,10 @@ def latency_getter(key: str) -> Getter:
     return get
 
 
-def plot(records: Sequence[dict[str, Any]], machine: dict[str, Any], out_dir: Path) -> list[str]:
-    """``sidebyside-latency.png`` and ``sidebyside-cpu.png``: one line per server."""
+def plot(
+    records: Sequence[dict[str, Any]], machine: dict[str, Any], out_dir: Path, stem: str
+) -> list[str]:
+    """``STEM-latency.png`` and ``STEM-cpu.png``: one line per server."""
     import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
@@ -272,7 +285,7 @@ def plot(records: Sequence[dict[str, Any]], machine: dict[str, Any], out_dir: Pa
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / "sidebyside-latency.png"
+        path = out_dir / f"{stem}-latency.png"
         fig.savefig(path)
         plt.close(fig)
         paths.append(str(path))
@@ -305,7 +318,7 @@ def plot(records: Sequence[dict[str, Any]], machine: dict[str, Any], out_dir: Pa
     else:
         ax2.set_axis_off()
     fig.tight_layout()
-    path = out_dir / "sidebyside-cpu.png"
+    path = out_dir / f"{stem}-cpu.png"
     fig.savefig(path)
     plt.close(fig)
     paths.append(str(path))
