@@ -462,8 +462,12 @@ static long check_101(struct conn *c, const char *p, size_t n) {
 
 static void on_text(struct conn *c, const unsigned char *p, size_t n, uint64_t now) {
     if (c->state == C_SUBSCRIBING) {
-        static const char sub[] = "{\"type\":\"subscribed\"";
-        if (n >= sizeof sub - 1 && !memcmp(p, sub, sizeof sub - 1)) {
+        /* The reply's type comes first, so look only near the start (a message text
+         * further on may mention anything). */
+        size_t head = n < 32 ? n : 32;
+        if (memmem(p, head, "\"error\"", 7)) {
+            fail(c, "subscribe: error reply");
+        } else if (memmem(p, head, "\"subscribed\"", 12)) {
             const char *e = memmem(p, n, "\"errors\":[", 10);
             if (e && (size_t)((const unsigned char *)e - p) + 10 < n && e[10] != ']') {
                 fail(c, "subscribe refused");
@@ -473,8 +477,6 @@ static void on_text(struct conn *c, const unsigned char *p, size_t n, uint64_t n
             n_ok++;
             in_progress--;
             settle();
-        } else if (memmem(p, n, "\"type\":\"error\"", 14)) {
-            fail(c, "subscribe: error reply");
         }
         return;
     }
