@@ -762,7 +762,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no run succeeded", file=sys.stderr)
             return 1
     note = " (quick run)" if args.quick or "quick" in jsonl.name else ""
-    side = args.side_by_side or any("server" in r for r in records)
+    side = args.side_by_side or any(r.get("server") == "uws" for r in records)
     try:
         if side:
             plot_stem = jsonl.stem if args.plot_only else stem
