@@ -7,7 +7,8 @@ RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 BENCH   := $(VENV)/.bench-installed
 
-.PHONY: run test lint typecheck unit integration conformance bench bench-micro bench-fanout clean
+.PHONY: run test lint typecheck unit integration conformance bench bench-micro bench-fanout \
+	bench-client bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -52,13 +53,29 @@ conformance: $(DEV)
 	bash tests/conformance/run.sh
 
 ## bench: the standard benchmark set (a few minutes), printed as a table
-bench: bench-micro bench-fanout
+bench: bench-client bench-micro bench-fanout
 
 bench-micro: $(BENCH)
 	$(BIN)/python -m pytest bench/micro --benchmark-only -q -p no:cacheprovider
 
-bench-fanout: $(BENCH)
+bench-fanout: $(BENCH) bench-client
 	$(BIN)/python -m bench.fanout.matrix --quick
 
+## bench-client: the C subscriber load client, built with the machine's gcc
+SUBCLIENT := bench/.build/subclient
+BENCH_CC  ?= gcc
+bench-client: $(SUBCLIENT)
+
+$(SUBCLIENT): bench/fanout/subclient.c
+	@mkdir -p $(@D)
+	$(BENCH_CC) -std=c11 -O2 -Wall -Wextra -Werror -o $@ $<
+
+## bench-peers: the uWebSockets.js peer server's package (npm, pinned by the lock file)
+UWS := bench/peers/uws
+bench-peers: $(UWS)/node_modules/.package-lock.json
+
+$(UWS)/node_modules/.package-lock.json: $(UWS)/package.json $(UWS)/package-lock.json
+	cd $(UWS) && npm ci --ignore-scripts
+
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache data bench/.build

@@ -3,10 +3,10 @@ subscriber on every task.
 
 Run from the repository root::
 
-    python bench/harness_flow.py                     # SQLite in a temporary directory
-    python bench/harness_flow.py --store pg          # (re)creates etherd_bench on 127.0.0.1
-    python bench/harness_flow.py --store postgresql://postgres@127.0.0.1:5432/etherd_bench
-    python bench/harness_flow.py --store pg --py-spy profile.txt   # profile the server
+    python -m bench.harness_flow                     # SQLite in a temporary directory
+    python -m bench.harness_flow --store pg          # (re)creates etherd_bench on 127.0.0.1
+    python -m bench.harness_flow --store postgresql://postgres@127.0.0.1:5432/etherd_bench
+    python -m bench.harness_flow --store pg --py-spy profile.txt   # profile the server
 
 What it does
 ------------
@@ -43,42 +43,40 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import importlib.metadata
 import json
 import math
 import os
-import platform
-import re
 import shutil
-import socket
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final, cast
+from typing import Any, Final
 from urllib.parse import urlsplit
 
-import asyncpg
 import jwt
 import msgspec
 import uvloop
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import ws_connect
 
-ROOT: Final = Path(__file__).resolve().parents[1]
+from bench.common import pg
+from bench.common.cli import add_output, add_placement, add_py_spy
+from bench.common.cpu import all_procs, cpu_times, named_cpu_s, pin, proc_cpu_s, wait_quiet
+from bench.common.histogram import pct
+from bench.common.http import AwaitableConn, post
+from bench.common.machine import machine_info
+from bench.common.metrics import commit_figures, handler_mean_ms, scrape
+from bench.common.profile import start_py_spy, summarize_profile
+from bench.common.server import ServerProcess, start_etherd
+from bench.common.ws import TextListener
+
 SECRET: Final = "harness-flow-bench-secret-long-enough-for-hs256"
 APP: Final = "bench"
-PG_SERVER: Final = "postgresql://postgres@127.0.0.1:5432"
 PG_DATABASE: Final = "etherd_bench"
 TARGET_STEPS_PER_S: Final = 5_000
 TARGET_P99_MS: Final = 15.0
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 STEP_PREFIX: Final = b'{"type":"os.harness.step"'
 DELIVERED_PREFIX: Final = b'{"type":"task.delivered"'
 SUBSCRIBED_PREFIX: Final = b'{"type":"subscribed"'
@@ -94,256 +92,41 @@ def token(sub: str, role: str) -> str:
     )
 
 
-# -- /proc ---------------------------------------------------------------------------------
+# -- the server ----------------------------------------------------------------------------
 
 
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process, from /proc/PID/stat."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return math.nan
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def cpu_of_named(name: str) -> float:
-    """CPU seconds of every process whose command name is ``name`` (e.g. ``postgres``)."""
-    total = 0.0
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        if text[text.index("(") + 1 : text.rindex(")")] != name:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
+def start_server(store: str, cpu: int, workdir: Path, harnesses: int) -> ServerProcess:
+    """etherd with HS256 tokens (no dev auth) and a long lease, on ``store``."""
+    return start_etherd(
+        cpu=cpu,
+        store=store,
+        workdir=workdir,
+        settings={
+            "auth": {"secret": SECRET, "dev": False},
+            "tasks": {"lease_s": 600.0},
+            "ws": {"max_connections_per_subject": max(10_000, harnesses * 2)},
+        },
+    )
 
 
 def machine_busy_s() -> float:
-    """Busy CPU seconds of the whole machine: user + nice + system + irq + softirq.
+    """Busy CPU seconds of the whole machine: processes plus irq and softirq.
 
     Interrupt time is included because a process's own system time may contain the
     softirq work done in its context (loopback TCP), which /proc/stat books as softirq.
     """
-    with open("/proc/stat") as f:
-        v = [int(x) for x in f.readline().split()[1:]]
-    return (v[0] + v[1] + v[2] + v[5] + v[6]) / CLK_TCK
-
-
-def wait_quiet(max_pct: float, timeout: float, ours: Sequence[int]) -> float:
-    """Wait until other processes use under ``max_pct`` % of one core for 2 s running.
-
-    Returns the last one-second reading (% of one core used by others).
-    """
-    deadline = time.monotonic() + timeout
-    calm = 0
-    pct = math.nan
-    while True:
-        b0, o0, t0 = machine_busy_s(), sum(proc_cpu_s(p) for p in ours), time.monotonic()
-        time.sleep(1.0)
-        b1, o1, t1 = machine_busy_s(), sum(proc_cpu_s(p) for p in ours), time.monotonic()
-        pct = 100 * ((b1 - b0) - (o1 - o0)) / (t1 - t0)
-        calm = calm + 1 if pct < max_pct else 0
-        if calm >= 2 or time.monotonic() > deadline:
-            return pct
-
-
-# -- the server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    workdir: Path
-    store: str
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def _toml(value: str) -> str:
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def start_server(store: str, cpu: int, workdir: Path, harnesses: int) -> Server:
-    port = free_port()
-    config = "\n".join(
-        [
-            "[server]",
-            'host = "127.0.0.1"',
-            f"port = {port}",
-            f"data_dir = {_toml(str(workdir / 'data'))}",
-            "[auth]",
-            f"secret = {_toml(SECRET)}",
-            "dev = false",
-            "[store]",
-            f"url = {_toml(store)}",
-            "[tasks]",
-            "lease_s = 600.0",
-            "[log]",
-            'level = "warning"',
-            "[ws]",
-            f"max_connections_per_subject = {max(10_000, harnesses * 2)}",
-            "",
-        ]
-    )
-    path = workdir / "etherd.toml"
-    path.write_text(config)
-    log = (workdir / "etherd.log").open("ab")
-    command = [sys.executable, "-m", "etherd", "serve", "--config", str(path)]
-    if shutil.which("taskset"):
-        command = ["taskset", "-c", str(cpu), *command]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ETHERD_")}
-    proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=workdir, env=env)
-    server = Server(proc, port, workdir, store)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"etherd exited: {(workdir / 'etherd.log').read_text()[-2000:]}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r,
-        ):
-            if r.status == 200:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError("etherd did not become ready in 30 s")
-
-
-def metrics(port: int, admin: str) -> dict[str, float]:
-    """The unlabelled and summed-over-labels samples of ``/metrics``."""
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {admin}"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as resp:
-        text = resp.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        if "_bucket" in name:
-            continue
-        with contextlib.suppress(ValueError):
-            out[name] = out.get(name, 0.0) + float(value)
-        # Per-route request time, for the harness routes.
-        m = re.search(r'route="([^"]+)"', name_labels)
-        if m and name.startswith("etherd_http_request_duration_seconds"):
-            with contextlib.suppress(ValueError):
-                out[f"{name}|{m.group(1)}"] = float(value)
-    return out
-
-
-async def fresh_pg_database() -> str:
-    """Drop and create ``etherd_bench``; its URL."""
-    con = await asyncpg.connect(f"{PG_SERVER}/postgres")
-    try:
-        await con.execute(f"DROP DATABASE IF EXISTS {PG_DATABASE} WITH (FORCE)")
-        await con.execute(f"CREATE DATABASE {PG_DATABASE}")
-    finally:
-        await con.close()
-    return f"{PG_SERVER}/{PG_DATABASE}"
-
-
-async def pg_version(url: str) -> str:
-    con = await asyncpg.connect(url)
-    try:
-        version: str = await con.fetchval("SHOW server_version")
-        settings = await con.fetch(
-            "SELECT name, setting FROM pg_settings"
-            " WHERE name IN ('fsync', 'synchronous_commit', 'shared_buffers')"
-        )
-    finally:
-        await con.close()
-    return version + " (" + ", ".join(f"{r[0]}={r[1]}" for r in settings) + ")"
+    total = cpu_times()["cpu"]
+    return total.task + total.irq
 
 
 # -- clients -------------------------------------------------------------------------------
 
 
-class Http(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection, one request at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.waiter: asyncio.Future[tuple[int, bytes]] | None = None
-
-    @classmethod
-    async def open(cls, port: int) -> Http:
-        loop = asyncio.get_running_loop()
-        _, conn = await loop.create_connection(cls, "127.0.0.1", port)
-        return conn
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionError(f"connection lost: {exc}"))
-
-    def data_received(self, data: bytes) -> None:
-        self.buf += data
-        if self.waiter is None:
-            return
-        end = self.buf.find(b"\r\n\r\n")
-        if end < 0:
-            return
-        head = bytes(self.buf[:end]).lower()
-        at = head.find(b"\r\ncontent-length:")
-        length = 0
-        if at >= 0:
-            stop = head.find(b"\r\n", at + 2)
-            length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-        total = end + 4 + length
-        if len(self.buf) < total:
-            return
-        status = int(head[9:12])
-        body = bytes(self.buf[end + 4 : total])
-        del self.buf[:total]
-        waiter, self.waiter = self.waiter, None
-        waiter.set_result((status, body))
+class Http(AwaitableConn):
+    """One keep-alive connection of a harness, one request at a time."""
 
     async def post(self, path: bytes, body: bytes, headers: bytes) -> tuple[int, bytes]:
-        assert self.transport is not None and self.waiter is None
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.transport.write(
-            b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n%s\r\n%s" % (path, len(body), headers, body)
-        )
-        return await self.waiter
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
+        return await self.request(post(path, body, token=None, headers=headers))
 
 
 class Created(msgspec.Struct):
@@ -389,23 +172,15 @@ class Tally:
     errors: Counter[str] = field(default_factory=Counter)
 
 
-class Subscriber(WSListener):
+class Subscriber(TextListener):
     """A frontend's WebSocket: subscribes to tasks and times every step it receives."""
 
     def __init__(self, tally: Tally) -> None:
         super().__init__()
         self.tally = tally
-        self.transport: WSTransport | None = None
         self.waiting: dict[str, asyncio.Future[None]] = {}
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is not WSMsgType.TEXT:
-            return
-        now = time.monotonic_ns()
-        raw = frame.get_payload_as_bytes()
+    def on_text(self, raw: bytes, now: int) -> None:
         self.tally.frames += 1
         if raw.startswith(STEP_PREFIX):
             if self.tally.measuring:
@@ -427,17 +202,11 @@ class Subscriber(WSListener):
         self.waiting[key] = waiter
         return waiter
 
-    async def subscribe(self, topic: str, rid: str) -> None:
-        assert self.transport is not None
+    async def follow(self, topic: str, rid: str) -> None:
+        """Subscribe to ``topic`` and wait for the reply."""
         done = self.expect("subscribed:" + rid)
-        command = {"action": "subscribe", "topics": [topic], "id": rid}
-        self.transport.send(WSMsgType.TEXT, json.dumps(command).encode())
+        self.subscribe([topic], rid)
         await asyncio.wait_for(done, 30)
-
-    def unsubscribe(self, topic: str) -> None:
-        assert self.transport is not None
-        command = {"action": "unsubscribe", "topics": [topic]}
-        self.transport.send(WSMsgType.TEXT, json.dumps(command).encode())
 
 
 async def harness(
@@ -485,7 +254,7 @@ async def run_task(
         return
     task_id = CREATED.decode(body).id
     topic = f"tasks/{task_id}"
-    await sub.subscribe(topic, task_id)
+    await sub.follow(topic, task_id)
     status, body = await runner.post(
         b"/api/harness/tasks/%s/claim" % task_id.encode(), b'{"app_id":"bench"}', harness_auth
     )
@@ -527,68 +296,13 @@ async def run_task(
         await asyncio.wait_for(delivered, 30)
     except TimeoutError:
         tally.errors["delivered timeout"] += 1
-    sub.unsubscribe(topic)
-
-
-# -- profile -------------------------------------------------------------------------------
-
-
-def start_py_spy(pid: int, output: Path, rate: int, native: bool) -> subprocess.Popen[bytes]:
-    """``py-spy record`` of ``pid`` into ``output`` until SIGINT.
-
-    Without ``native`` it samples without pausing the server (``--nonblocking``); with it,
-    C frames (uvloop, asyncpg, msgspec) are shown too, at the cost of pausing per sample.
-    """
-    command = ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
-    command += ["--output", str(output)]
-    command += ["--native"] if native else ["--nonblocking"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def summarize_profile(path: Path, top: int = 25) -> str:
-    """Top functions by own and by total samples from a ``py-spy --format raw`` file."""
-    own: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    samples = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if f]
-        if not frames:
-            continue
-        samples += count
-        own[_short(frames[-1])] += count
-        for name in {_short(f) for f in frames}:
-            total[name] += count
-    lines = [f"py-spy: {samples} samples", "", "own time:"]
-    lines += [f"  {100 * c / samples:5.1f}%  {name}" for name, c in own.most_common(top)]
-    lines += ["", "total time (function and what it calls):"]
-    lines += [f"  {100 * c / samples:5.1f}%  {name}" for name, c in total.most_common(top)]
-    return "\n".join(lines)
-
-
-def _short(frame: str) -> str:
-    """``func (path/to/file.py:12)`` -> ``func (file.py)``: lines merged per function."""
-    m = re.match(r"^(.*) \((.*?):\d+\)$", frame)
-    if not m:
-        return frame
-    return f"{m.group(1)} ({m.group(2).rsplit('/', 2)[-1] if '/' in m.group(2) else m.group(2)})"
+    sub.unsubscribe([topic])
 
 
 # -- the run -------------------------------------------------------------------------------
 
 
-def pct(values: list[int], q: float) -> float:
-    """The q-quantile of nanosecond values, in milliseconds (nearest rank)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] / 1e6
-
-
-async def drive(args: argparse.Namespace, server: Server, tally: Tally) -> dict[str, Any]:
+async def drive(args: argparse.Namespace, server: ServerProcess, tally: Tally) -> dict[str, Any]:
     start = asyncio.Event()
     admin = token("bench-admin", "admin")
     workers = [
@@ -602,12 +316,14 @@ async def drive(args: argparse.Namespace, server: Server, tally: Tally) -> dict[
             raise RuntimeError("a harness failed during warm-up") from failed[0].exception()
         await asyncio.sleep(0.05)
     await asyncio.sleep(0.5)
-    m0 = metrics(server.port, admin)
+    m0 = scrape(server.port, admin)
     cpu0, own0, busy0 = proc_cpu_s(server.pid), time.process_time(), machine_busy_s()
-    pg0 = cpu_of_named("postgres")
+    pg0 = named_cpu_s(all_procs(), "postgres")
     spy = None
     if args.py_spy:
-        spy = start_py_spy(server.pid, args.py_spy, args.py_spy_rate, args.py_spy_native)
+        spy = start_py_spy(
+            server.pid, args.py_spy, rate=args.py_spy_rate, native=args.py_spy_native
+        )
     t0 = time.monotonic_ns()
     tally.measuring = True
     start.set()
@@ -615,26 +331,17 @@ async def drive(args: argparse.Namespace, server: Server, tally: Tally) -> dict[
     t1 = time.monotonic_ns()
     tally.measuring = False
     cpu1, own1, busy1 = proc_cpu_s(server.pid), time.process_time(), machine_busy_s()
-    pg_cpu = cpu_of_named("postgres") - pg0
+    pg_cpu = named_cpu_s(all_procs(), "postgres") - pg0
     if spy is not None:
         spy.send_signal(2)  # SIGINT: py-spy writes the profile and exits
         spy.wait(30)
-    m1 = metrics(server.port, admin)
+    m1 = scrape(server.port, admin)
     elapsed = (t1 - t0) / 1e9
     n = len(tally.step_done_at)
     done = sorted(tally.step_done_at)
     lo, hi = done[int(0.1 * n)] if n else t0, done[int(0.9 * n) - 1] if n else t1
     middle = (0.8 * n) / ((hi - lo) / 1e9) if n and hi > lo else math.nan
 
-    def delta(name: str) -> float:
-        return m1.get(name, 0.0) - m0.get(name, 0.0)
-
-    commit_s = delta("etherd_store_commit_duration_seconds_sum")
-    commits = delta("etherd_store_commit_duration_seconds_count")
-    rows = delta("etherd_store_rows_total")
-    route = "/api/harness/tasks/{id}/steps"
-    step_route_s = delta(f"etherd_http_request_duration_seconds_sum|{route}")
-    step_route_n = delta(f"etherd_http_request_duration_seconds_count|{route}")
     server_cpu = cpu1 - cpu0
     own_cpu = own1 - own0
     others = (busy1 - busy0) - server_cpu - own_cpu - pg_cpu
@@ -657,17 +364,8 @@ async def drive(args: argparse.Namespace, server: Server, tally: Tally) -> dict[
             "p50": round(pct(tally.step_answer_ns, 0.5), 2),
             "p99": round(pct(tally.step_answer_ns, 0.99), 2),
         },
-        "server_step_handler_ms_mean": round(1000 * step_route_s / step_route_n, 3)
-        if step_route_n
-        else None,
-        "db": {
-            "commit_s": round(commit_s, 3),
-            "commits": int(commits),
-            "rows": int(rows),
-            "rows_per_commit": round(rows / commits, 1) if commits else None,
-            "mean_commit_ms": round(1000 * commit_s / commits, 3) if commits else None,
-            "busy_pct_of_window": round(100 * commit_s / elapsed, 1),
-        },
+        "server_step_handler_ms_mean": handler_mean_ms(m0, m1, "/api/harness/tasks/{id}/steps"),
+        "db": commit_figures(m0, m1, elapsed),
         "server_cpu_pct": round(100 * server_cpu / elapsed, 1),
         "server_cpu_us_per_step": round(1e6 * server_cpu / n, 1) if n else None,
         "client_cpu_pct": round(100 * own_cpu / elapsed, 1),
@@ -677,44 +375,6 @@ async def drive(args: argparse.Namespace, server: Server, tally: Tally) -> dict[
         "step_events_missing": n - len(tally.step_to_sub_ns),
         "errors": dict(tally.errors),
     }
-
-
-def versions(store: str) -> dict[str, str]:
-    out = {
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "kernel": platform.release(),
-        "cpu": _cpu_model(),
-        "cpus": str(os.cpu_count()),
-    }
-    for package in ("etherd", "uvloop", "picows", "msgspec", "asyncpg", "httptools"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[package] = importlib.metadata.version(package)
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short=12", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "etherd"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        out["etherd_commit"] = commit + (" (etherd/ modified)" if dirty else "")
-    if store.startswith("postgres"):
-        out["postgresql"] = asyncio.run(pg_version(store))
-    return out
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
 
 
 def report(result: dict[str, Any]) -> str:
@@ -758,13 +418,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--harnesses", type=int, default=200)
     parser.add_argument("--tasks", type=int, default=3, help="measured tasks per harness")
     parser.add_argument("--steps", type=int, default=40, help="steps per task")
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1)
-    parser.add_argument("--py-spy", type=Path, help="record the server into this raw profile")
-    parser.add_argument("--py-spy-rate", type=int, default=200, help="samples per second")
-    parser.add_argument("--py-spy-native", action="store_true", help="include C frames")
-    parser.add_argument("--label", default="", help="a name for this run in the JSON line")
-    parser.add_argument("--json", type=Path, help="append the figures as one JSON line")
+    add_placement(parser)
+    add_py_spy(parser)
+    add_output(parser, "the figures as one JSON line")
     parser.add_argument(
         "--quiet-pct",
         type=float,
@@ -778,14 +434,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.store == "sqlite":
         store, kind = f"sqlite:///{workdir / 'etherd.db'}", "sqlite"
     elif args.store == "pg":
-        store, kind = asyncio.run(fresh_pg_database()), "postgresql"
+        store, kind = pg.fresh_database(pg.LOCAL_SERVER, PG_DATABASE), "postgresql"
     else:
         store = args.store
         kind = "postgresql" if store.startswith("postgres") else "sqlite"
 
-    if hasattr(os, "sched_setaffinity"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(0, {args.client_cpu})
+    pin(args.client_cpu)
     try:
         server = start_server(store, args.server_cpu, workdir, args.harnesses)
         try:
@@ -797,8 +451,10 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     result["store_kind"] = kind
     result["label"] = args.label
-    result["other_processes_cpu_pct_before"] = round(quiet, 1)
-    result["versions"] = versions(store)
+    result["other_processes_cpu_pct_before"] = quiet.others_pct
+    result["versions"] = machine_info()
+    if kind == "postgresql":
+        result["versions"]["postgresql"] = pg.version(store)
     result["when"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if kind == "postgresql":
         lat = result["step_to_subscriber_ms"]

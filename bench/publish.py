@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/publish.py --stores sqlite pg --scenarios batch single latency \\
+    python -m bench.publish --stores sqlite pg --scenarios batch single latency \\
         --json bench/results/publish-runs.jsonl
 
 Scenarios (each on a freshly started server and a fresh database):
@@ -52,401 +52,60 @@ import argparse
 import array
 import asyncio
 import contextlib
-import importlib.metadata
-import importlib.util
 import json
-import math
 import multiprocessing
 import os
-import platform
-import re
 import shutil
-import socket
-import sqlite3
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, Final, NamedTuple, cast
+from typing import Any, Final, cast
 
-import asyncpg
 import uvloop
-from picows import WSFrame, WSListener, WSMsgType, WSTransport, ws_connect
+from picows import WSTransport, ws_connect
 
-ROOT: Final = Path(__file__).resolve().parents[1]
-TOKEN: Final = "test"  # etherd's development token (loopback listener, auth.dev = true)
-PG_SERVER: Final = "postgresql://postgres@127.0.0.1:5432"
+from bench.common import pg
+from bench.common.cli import add_output, add_placement, add_py_spy, add_settings
+from bench.common.cpu import (
+    CpuTimes,
+    Proc,
+    all_procs,
+    busiest,
+    calibrate,
+    cpu_pct,
+    cpu_times,
+    others_s,
+    proc_cpu_s,
+    used_s,
+    wait_quiet,
+)
+from bench.common.histogram import pct, summary_ms
+from bench.common.http import HttpConn, post
+from bench.common.machine import machine_info
+from bench.common.metrics import (
+    Scrape,
+    commit_figures,
+    handler_mean_ms,
+    histogram_delta,
+    scrape,
+)
+from bench.common.openloop import schedule
+from bench.common.profile import start_py_spy, summarize_profile
+from bench.common.server import TOKEN, ServerProcess, start_etherd
+from bench.common.ws import TextListener
+
 PG_DATABASE: Final = "etherd_bench_publish"
-CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 TARGET_BATCH_EVENTS_PER_S: Final = 100_000
 TARGET_SINGLE_PER_S: Final = 20_000
 TARGET_LATENCY_P99_MS: Final = 10.0
 LAT_EVENT: Final = "lat"
 LAT_PREFIX: Final = b'{"type":"lat"'
 SUBSCRIBED_PREFIX: Final = b'{"type":"subscribed"'
-
-
-# -- /proc ---------------------------------------------------------------------------------
-
-
-def proc_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads), from /proc/PID/stat."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return math.nan
-    fields = text[text.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-class Proc(NamedTuple):
-    name: str
-    cpu_s: float
-    # Start time in clock ticks since boot: a pid seen twice with the same start is the same
-    # process (kernel workers change their command name with the work they do).
-    start: int
-
-
-def all_procs() -> dict[int, Proc]:
-    """Every process: pid -> (command name, CPU seconds, start time)."""
-    out: dict[int, Proc] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
-        try:
-            text = Path(entry.path, "stat").read_text()
-        except OSError:
-            continue
-        fields = text[text.rindex(")") + 2 :].split()
-        name = text[text.index("(") + 1 : text.rindex(")")]
-        if name.startswith("kworker/"):
-            name = "kworker"
-        cpu = (int(fields[11]) + int(fields[12])) / CLK_TCK
-        out[int(entry.name)] = Proc(name, cpu, int(fields[19]))
-    return out
-
-
-def _used(before: dict[int, Proc], pid: int, now: Proc) -> float:
-    """CPU seconds a process used since ``before`` (all of it if it started since)."""
-    then = before.get(pid)
-    return now.cpu_s - then.cpu_s if then is not None and then.start == now.start else now.cpu_s
-
-
-def busiest(
-    before: dict[int, Proc],
-    after: dict[int, Proc],
-    ours: set[int],
-    seconds: float,
-    skip: str = "",
-) -> list[tuple[str, float]]:
-    """The four command names (not ours) that used the most CPU, in % of one core."""
-    per: dict[str, float] = {}
-    for pid, proc in after.items():
-        if pid in ours or proc.name == skip:
-            continue
-        per[proc.name] = per.get(proc.name, 0.0) + _used(before, pid, proc)
-    top = sorted(per.items(), key=lambda item: -item[1])[:4]
-    return [(n, round(100 * c / seconds, 1)) for n, c in top if c > 0]
-
-
-def others_s(
-    before: dict[int, Proc], after: dict[int, Proc], ours: set[int], skip: str = ""
-) -> float:
-    """CPU seconds used between two ``all_procs`` scans by processes not in ``ours`` (and
-    not named ``skip``); a process that started in between counts in full."""
-    return sum(
-        _used(before, pid, proc)
-        for pid, proc in after.items()
-        if pid not in ours and proc.name != skip
-    )
-
-
-def cpu_busy() -> dict[str, tuple[float, float, float]]:
-    """Per CPU line of /proc/stat (``cpu``, ``cpu0``, ...): seconds of (user + nice +
-    system, irq + softirq, steal).
-
-    Loopback TCP work is largely booked as softirq rather than to a process, so the second
-    figure belongs to whoever sends and receives; steal is time the hypervisor gave to
-    other guests.
-    """
-    out: dict[str, tuple[float, float, float]] = {}
-    with open("/proc/stat") as f:
-        for line in f:
-            if not line.startswith("cpu"):
-                break
-            name, *values = line.split()
-            v = [int(x) for x in values]
-            out[name] = ((v[0] + v[1] + v[2]) / CLK_TCK, (v[5] + v[6]) / CLK_TCK, v[7] / CLK_TCK)
-    return out
-
-
-@dataclass
-class Quiet:
-    """What other processes did just before a measured window."""
-
-    others_pct: float
-    waited_s: float
-    quiet: bool
-    loadavg: str
-    busiest: list[tuple[str, float]]
-
-
-def wait_quiet(max_pct: float, timeout: float, ours: Sequence[int]) -> Quiet:
-    """Wait until processes other than ``ours`` use under ``max_pct`` % of one core for two
-    one-second readings running (at most ``timeout`` s); report the last reading."""
-    started = time.monotonic()
-    calm = 0
-    mine = set(ours)
-    while True:
-        p0, t0 = all_procs(), time.monotonic()
-        time.sleep(1.0)
-        p1, t1 = all_procs(), time.monotonic()
-        pct = 100 * others_s(p0, p1, mine) / (t1 - t0)
-        top = busiest(p0, p1, mine, t1 - t0)
-        calm = calm + 1 if pct < max_pct else 0
-        waited = time.monotonic() - started
-        if calm >= 2 or waited > timeout:
-            return Quiet(
-                round(pct, 1),
-                round(waited, 1),
-                calm >= 2,
-                Path("/proc/loadavg").read_text().strip(),
-                top,
-            )
-
-
-def calibrate(cpu: int) -> float:
-    """Milliseconds a fixed pure-Python workload takes on core ``cpu`` (best of three).
-
-    The cores of a shared VM do not run at one speed: the same code has taken 25 % more CPU
-    per event from one run to the next with nothing else running in the guest. Figures
-    per event (and throughput of a CPU-bound run) compare only at similar calibrations.
-    """
-    with contextlib.suppress(OSError, AttributeError):
-        before = os.sched_getaffinity(0)
-        os.sched_setaffinity(0, {cpu})
-        try:
-            best = math.inf
-            for _ in range(3):
-                started = time.perf_counter()
-                table: dict[int, int] = {}
-                for i in range(200_000):
-                    table[i & 1023] = i * 2 + len(str(i))
-                best = min(best, time.perf_counter() - started)
-        finally:
-            os.sched_setaffinity(0, before)
-        return round(best * 1000, 2)
-    return math.nan
-
-
-# -- the server ----------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    workdir: Path
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def log_tail(self) -> str:
-        with contextlib.suppress(OSError):
-            return (self.workdir / "etherd.log").read_text()[-3000:]
-        return ""
-
-
-def _toml_value(value: str) -> str:
-    """A TOML value for a ``key=value`` override: numbers and booleans as they are."""
-    if re.fullmatch(r"-?[0-9]+(\.[0-9]+)?|true|false", value):
-        return value
-    return json.dumps(value)  # a JSON string is a valid TOML basic string
-
-
-def start_server(store: str, cpu: int, workdir: Path, overrides: Sequence[str]) -> Server:
-    """Start ``python -m etherd serve`` pinned to ``cpu``; return once /readyz answers.
-
-    ``overrides`` are ``section.key=value`` settings added to the generated file.
-    """
-    port = free_port()
-    sections: dict[str, dict[str, str]] = {
-        "server": {
-            "host": json.dumps("127.0.0.1"),
-            "port": str(port),
-            "data_dir": json.dumps(str(workdir / "data")),
-        },
-        "auth": {"dev": "true"},
-        "store": {"url": json.dumps(store)},
-        # Idle load connections wait through the quiet check, which may take minutes.
-        "http": {"max_body_bytes": str(8 * 1024 * 1024), "keepalive_timeout_s": "3600.0"},
-        "log": {"level": json.dumps("warning")},
-    }
-    for item in overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if not (section and name and value):
-            raise SystemExit(f"--set wants section.key=value, got {item!r}")
-        sections.setdefault(section, {})[name] = _toml_value(value)
-    lines: list[str] = []
-    for section, values in sections.items():
-        lines.append(f"[{section}]")
-        lines += [f"{k} = {v}" for k, v in values.items()]
-    path = workdir / "etherd.toml"
-    path.write_text("\n".join(lines) + "\n")
-    log = (workdir / "etherd.log").open("ab")
-    command = [sys.executable, "-m", "etherd", "serve", "--config", str(path)]
-    if shutil.which("taskset"):
-        command = ["taskset", "-c", str(cpu), *command]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ETHERD_")}
-    proc = subprocess.Popen(command, stdout=log, stderr=log, cwd=workdir, env=env)
-    server = Server(proc, port, workdir)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"etherd exited: {server.log_tail()}")
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r,
-        ):
-            if r.status == 200:
-                return server
-        time.sleep(0.1)
-    server.stop()
-    raise RuntimeError("etherd did not become ready in 60 s")
-
-
-@dataclass
-class Scrape:
-    """The samples of one ``/metrics`` answer that this benchmark reads."""
-
-    values: dict[str, float] = field(default_factory=dict)
-    # le -> cumulative count of etherd_store_batch_rows
-    batch_buckets: dict[str, float] = field(default_factory=dict)
-
-
-def scrape(port: int) -> Scrape:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/metrics", headers={"Authorization": f"Bearer {TOKEN}"}
-    )
-    with urllib.request.urlopen(request, timeout=30) as resp:
-        text = resp.read().decode()
-    out = Scrape()
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        name_labels, _, value_text = line.rpartition(" ")
-        name = name_labels.split("{", 1)[0]
-        try:
-            value = float(value_text)
-        except ValueError:
-            continue
-        if name == "etherd_store_batch_rows_bucket":
-            m = re.search(r'le="([^"]+)"', name_labels)
-            if m:
-                out.batch_buckets[m.group(1)] = value
-            continue
-        if name.endswith("_bucket"):
-            continue
-        m = re.search(r'route="([^"]+)"', name_labels)
-        if m:
-            name = f"{name}|{m.group(1)}"
-        out.values[name] = out.values.get(name, 0.0) + value
-    return out
-
-
-def batch_sizes(before: Scrape, after: Scrape) -> dict[str, Any]:
-    """Group-commit batch sizes over a window, from the histogram and the counters."""
-    commits = after.values.get("etherd_store_batch_rows_count", 0.0) - before.values.get(
-        "etherd_store_batch_rows_count", 0.0
-    )
-    rows = after.values.get("etherd_store_batch_rows_sum", 0.0) - before.values.get(
-        "etherd_store_batch_rows_sum", 0.0
-    )
-    # Per-bucket counts (le -> commits in (previous le, le]).
-    buckets: dict[str, int] = {}
-    previous = 0.0
-    for le, total in after.batch_buckets.items():
-        n = total - before.batch_buckets.get(le, 0.0)
-        if n - previous > 0:
-            buckets[le] = int(n - previous)
-        previous = n
-
-    def quantile(q: float) -> str | None:
-        if commits <= 0:
-            return None
-        want = q * commits
-        seen = 0.0
-        for le, total in after.batch_buckets.items():
-            seen = total - before.batch_buckets.get(le, 0.0)
-            if seen >= want:
-                return f"<= {le}"
-        return None
-
-    return {
-        "commits": int(commits),
-        "rows": int(rows),
-        "mean_rows": round(rows / commits, 1) if commits else None,
-        "p50_bucket": quantile(0.5),
-        "p90_bucket": quantile(0.9),
-        "histogram": buckets,
-    }
-
-
-async def fresh_pg_database(server: str) -> str:
-    """Drop and create the benchmark's database; its URL."""
-    con = await asyncpg.connect(f"{server}/postgres")
-    try:
-        await con.execute(f"DROP DATABASE IF EXISTS {PG_DATABASE} WITH (FORCE)")
-        await con.execute(f"CREATE DATABASE {PG_DATABASE}")
-    finally:
-        await con.close()
-    return f"{server}/{PG_DATABASE}"
-
-
-async def drop_pg_database(server: str) -> None:
-    con = await asyncpg.connect(f"{server}/postgres")
-    try:
-        await con.execute(f"DROP DATABASE IF EXISTS {PG_DATABASE} WITH (FORCE)")
-    finally:
-        await con.close()
-
-
-async def pg_version(server: str) -> str:
-    con = await asyncpg.connect(f"{server}/postgres")
-    try:
-        version: str = await con.fetchval("SHOW server_version")
-        settings = await con.fetch(
-            "SELECT name, setting, unit FROM pg_settings WHERE name IN ('fsync',"
-            " 'synchronous_commit', 'shared_buffers', 'wal_sync_method', 'commit_delay',"
-            " 'max_wal_size') ORDER BY name"
-        )
-    finally:
-        await con.close()
-    return version + " (" + ", ".join(f"{r[0]}={r[1]}{r[2] or ''}" for r in settings) + ")"
 
 
 # -- load: HTTP ----------------------------------------------------------------------------
@@ -463,74 +122,6 @@ class Window:
     stop: int
 
 
-class HttpClient(asyncio.Protocol):
-    """One keep-alive HTTP/1.1 connection with at most one request in flight."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.buf = bytearray()
-        self.need = -1  # bytes of the whole response being read, once its head is in
-        self.sent_ns = 0
-        self.busy = False
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        sock = transport.get_extra_info("socket")
-        if sock is not None:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
-        if self.busy:
-            self.busy = False
-            self.answered(0, time.monotonic_ns())
-
-    def send(self, request: bytes) -> None:
-        assert self.transport is not None and not self.busy
-        self.busy = True
-        self.sent_ns = time.monotonic_ns()
-        self.transport.write(request)
-
-    def data_received(self, data: bytes) -> None:
-        buf = self.buf
-        buf += data
-        if self.need < 0:
-            end = buf.find(b"\r\n\r\n")
-            if end < 0:
-                return
-            head = bytes(buf[:end]).lower()
-            at = head.find(b"\r\ncontent-length:")
-            length = 0
-            if at >= 0:
-                stop = head.find(b"\r\n", at + 2)
-                length = int(head[at + 17 : stop if stop >= 0 else len(head)])
-            self.need = end + 4 + length
-        if len(buf) < self.need:
-            return
-        status = int(buf[9:12])
-        del buf[: self.need]
-        self.need = -1
-        self.busy = False
-        self.answered(status, time.monotonic_ns())
-
-    def answered(self, status: int, now: int) -> None:
-        """One response arrived (status 0: the connection was lost)."""
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-def post(path: bytes, body: bytes) -> bytes:
-    return (
-        b"POST %s HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer %s\r\n"
-        b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s"
-        % (path, TOKEN.encode(), len(body), body)
-    )
-
-
 @dataclass
 class LoadTally:
     """What one load process measured inside the window."""
@@ -541,7 +132,7 @@ class LoadTally:
     latency_ns: array.array[int] = field(default_factory=lambda: array.array("q"))
 
 
-class ClosedLoop(HttpClient):
+class ClosedLoop(HttpConn):
     """Sends the same request again as soon as the previous one is answered."""
 
     def __init__(self, request: bytes, events: int, window: Window, tally: LoadTally) -> None:
@@ -555,14 +146,14 @@ class ClosedLoop(HttpClient):
     def start(self) -> None:
         self.send(self.request)
 
-    def answered(self, status: int, now: int) -> None:
+    def answered(self, status: int, body: bytes, sent_ns: int, now: int) -> None:
         w = self.window
         if w.start <= now < w.end:
             t = self.tally
             if status == 200:
                 t.ok += 1
                 t.events += self.events
-                t.latency_ns.append(now - self.sent_ns)
+                t.latency_ns.append(now - sent_ns)
             else:
                 t.errors[status] += 1
         if now < w.stop and status != 0:
@@ -629,14 +220,14 @@ async def closed_loop_load(params: dict[str, Any], pipe: Connection) -> dict[str
 # -- load: open-loop publisher -------------------------------------------------------------
 
 
-class PoolConn(HttpClient):
+class PoolConn(HttpConn):
     def __init__(self, publisher: Publisher) -> None:
         super().__init__()
         self.publisher = publisher
         self.due = 0
 
-    def answered(self, status: int, now: int) -> None:
-        self.publisher.answered(self, status, now)
+    def answered(self, status: int, body: bytes, sent_ns: int, now_ns: int) -> None:
+        self.publisher.answered(self, status, now_ns)
 
 
 class Publisher:
@@ -645,7 +236,7 @@ class Publisher:
     def __init__(self, params: dict[str, Any], window: Window) -> None:
         self.window = window
         self.topics = [f"bench/lat/{k}" for k in range(params["topics"])]
-        self.interval_ns = round(1e9 / params["rate"])
+        self.rate: float = params["rate"]
         self.pad = "x" * params["pad"]
         self.free: list[PoolConn] = []
         self.backlog: deque[tuple[int, int]] = deque()  # (seq, due) with no free connection
@@ -703,18 +294,8 @@ class Publisher:
                 self.all_free.set()
 
     async def run(self) -> None:
-        w = self.window
-        seq = 0
-        while True:
-            now = time.monotonic_ns()
-            due = w.go + seq * self.interval_ns
-            while due <= now and due < w.stop:
-                self.submit(seq, due)
-                seq += 1
-                due = w.go + seq * self.interval_ns
-            if due >= w.stop:
-                return
-            await asyncio.sleep((due - time.monotonic_ns()) / 1e9)
+        async for seq, due in schedule(self.window.go, self.rate, until_ns=self.window.stop):
+            self.submit(seq, due)
 
 
 async def publisher_load(params: dict[str, Any], pipe: Connection) -> dict[str, Any]:
@@ -765,23 +346,17 @@ class SubTally:
     other: Counter[str] = field(default_factory=Counter)
 
 
-class Subscriber(WSListener):
+class Subscriber(TextListener):
+    """Times every ``lat`` event from its due and sent times; checks offsets per topic."""
+
     def __init__(self, tally: SubTally, window: Window) -> None:
         super().__init__()
         self.tally = tally
         self.window = window
-        self.transport: WSTransport | None = None
         self.acked: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         self.last: dict[bytes, int] = {}
 
-    def on_ws_connected(self, transport: WSTransport) -> None:
-        self.transport = transport
-
-    def on_ws_frame(self, transport: WSTransport, frame: WSFrame) -> None:
-        if frame.msg_type is not WSMsgType.TEXT:
-            return
-        now = time.monotonic_ns()
-        raw = frame.get_payload_as_bytes()
+    def on_text(self, raw: bytes, now: int) -> None:
         t = self.tally
         if raw.startswith(LAT_PREFIX):
             t.frames += 1
@@ -822,9 +397,7 @@ async def subscriber_load(params: dict[str, Any], pipe: Connection) -> dict[str,
     for i in range(params["subscribers"]):
         _, listener = await ws_connect(lambda: Subscriber(tally, window), url)
         sub = cast(Subscriber, listener)
-        assert sub.transport is not None
-        command = {"action": "subscribe", "topics": topics, "id": i}
-        sub.transport.send(WSMsgType.TEXT, json.dumps(command).encode())
+        sub.subscribe(topics, i)
         subs.append(sub)
     for sub in subs:
         ack = await asyncio.wait_for(sub.acked, 30)
@@ -898,25 +471,6 @@ def start_loads(specs: Sequence[tuple[str, dict[str, Any]]]) -> list[Load]:
 # -- measuring -----------------------------------------------------------------------------
 
 
-def pct(values: Sequence[int], q: float) -> float:
-    """The q-quantile (nearest rank) of nanosecond values, in milliseconds."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))] / 1e6
-
-
-def summary_ms(values: Sequence[int]) -> dict[str, float]:
-    return {
-        "p50": round(pct(values, 0.5), 3),
-        "p90": round(pct(values, 0.9), 3),
-        "p99": round(pct(values, 0.99), 3),
-        "p999": round(pct(values, 0.999), 3),
-        "max": round(pct(values, 1.0), 3),
-        "count": len(values),
-    }
-
-
 @dataclass
 class Snapshot:
     at_ns: int
@@ -924,61 +478,20 @@ class Snapshot:
     loads_cpu: list[float]
     own_cpu: float
     procs: dict[int, Proc]
-    busy: dict[str, tuple[float, float, float]]
+    busy: dict[str, CpuTimes]
     metrics: Scrape
 
 
-def snapshot(server: Server, loads: Sequence[Load]) -> Snapshot:
+def snapshot(server: ServerProcess, loads: Sequence[Load]) -> Snapshot:
     return Snapshot(
         time.monotonic_ns(),
         proc_cpu_s(server.pid),
         [proc_cpu_s(load.proc.pid or 0) for load in loads],
         time.process_time(),
         all_procs(),
-        cpu_busy(),
+        cpu_times(),
         scrape(server.port),
     )
-
-
-def start_py_spy(pid: int, output: Path, rate: int, native: bool) -> subprocess.Popen[bytes]:
-    command = ["py-spy", "record", "--pid", str(pid), "--rate", str(rate), "--format", "raw"]
-    command += ["--output", str(output)]
-    command += ["--native"] if native else ["--nonblocking"]
-    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-
-def summarize_profile(path: Path, top: int = 30) -> str:
-    """Top functions by own and by total samples from a ``py-spy --format raw`` file."""
-    own: Counter[str] = Counter()
-    total: Counter[str] = Counter()
-    samples = 0
-    for line in path.read_text(errors="replace").splitlines():
-        stack, _, count_text = line.rpartition(" ")
-        if not stack or not count_text.isdigit():
-            continue
-        count = int(count_text)
-        frames = [f for f in stack.split(";") if f]
-        if not frames:
-            continue
-        samples += count
-        own[_short(frames[-1])] += count
-        for name in {_short(f) for f in frames}:
-            total[name] += count
-    if not samples:
-        return "py-spy: no samples"
-    lines = [f"py-spy: {samples} samples", "", "own time:"]
-    lines += [f"  {100 * c / samples:5.1f}%  {name}" for name, c in own.most_common(top)]
-    lines += ["", "total time (function and what it calls):"]
-    lines += [f"  {100 * c / samples:5.1f}%  {name}" for name, c in total.most_common(top)]
-    return "\n".join(lines)
-
-
-def _short(frame: str) -> str:
-    """``func (path/to/file.py:12)`` -> ``func (file.py)``: lines merged per function."""
-    m = re.match(r"^(.*) \((.*?):\d+\)$", frame)
-    if not m:
-        return frame
-    return f"{m.group(1)} ({m.group(2).rsplit('/', 1)[-1]})"
 
 
 def load_specs(
@@ -1022,13 +535,19 @@ def run_one(args: argparse.Namespace, store_kind: str, scenario: str) -> dict[st
     """Start a server on a fresh database, drive one scenario, return the figures."""
     workdir = Path(tempfile.mkdtemp(prefix="etherd-bench-publish-"))
     if store_kind == "pg":
-        store = asyncio.run(fresh_pg_database(args.pg_server))
+        store = pg.fresh_database(args.pg_server, PG_DATABASE)
     else:
         store = f"sqlite:///{workdir / 'etherd.db'}"
-    server: Server | None = None
+    server: ServerProcess | None = None
     loads: list[Load] = []
     try:
-        server = start_server(store, args.server_cpu, workdir, args.set)
+        server = start_etherd(
+            cpu=args.server_cpu,
+            store=store,
+            settings={"http": {"max_body_bytes": 8 * 1024 * 1024}},
+            overrides=args.set,
+            workdir=workdir,
+        )
         loads = start_loads(load_specs(args, scenario, server.port))
         ours = [server.pid, os.getpid(), *(load.proc.pid or 0 for load in loads)]
         quiet = wait_quiet(args.quiet_pct, args.quiet_timeout, ours)
@@ -1047,7 +566,9 @@ def run_one(args: argparse.Namespace, store_kind: str, scenario: str) -> dict[st
         s0 = snapshot(server, loads)
         spy = None
         if args.py_spy:
-            spy = start_py_spy(server.pid, args.py_spy, args.py_spy_rate, args.py_spy_native)
+            spy = start_py_spy(
+                server.pid, args.py_spy, rate=args.py_spy_rate, native=args.py_spy_native
+            )
         time.sleep(max(0.0, (window.end - time.monotonic_ns()) / 1e9))
         s1 = snapshot(server, loads)
         if spy is not None:
@@ -1073,17 +594,11 @@ def run_one(args: argparse.Namespace, store_kind: str, scenario: str) -> dict[st
         if server is not None:
             server.stop()
         if store_kind == "pg" and not args.keep_db:
-            asyncio.run(drop_pg_database(args.pg_server))
+            pg.drop_database(args.pg_server, PG_DATABASE)
         shutil.rmtree(workdir, ignore_errors=True)
     figures["store"] = "postgresql" if store_kind == "pg" else "sqlite"
     figures["calibration_ms_server_core"] = {"before": speed, "after": calibrate(args.server_cpu)}
-    figures["quiet_before"] = {
-        "others_pct_of_a_core": quiet.others_pct,
-        "quiet": quiet.quiet,
-        "waited_s": quiet.waited_s,
-        "loadavg": quiet.loadavg,
-        "busiest_others": quiet.busiest,
-    }
+    figures["quiet_before"] = quiet.record()
     return figures
 
 
@@ -1101,44 +616,23 @@ def assemble(
     loads_cpu = [b - a for a, b in zip(s0.loads_cpu, s1.loads_cpu, strict=True)]
     own_cpu = s1.own_cpu - s0.own_cpu
     pg_cpu = sum(
-        _used(s0.procs, pid, proc) for pid, proc in s1.procs.items() if proc.name == "postgres"
+        used_s(s0.procs, pid, proc) for pid, proc in s1.procs.items() if proc.name == "postgres"
     )
-    busy = {
-        k: tuple(b - a for a, b in zip(s0.busy[k], s1.busy[k], strict=True))
-        for k in s1.busy
-        if k in s0.busy
-    }
-    others = others_s(s0.procs, s1.procs, ours, skip="postgres")
-    m0, m1 = s0.metrics.values, s1.metrics.values
-
-    def delta(name: str) -> float:
-        return m1.get(name, 0.0) - m0.get(name, 0.0)
-
-    commit_s = delta("etherd_store_commit_duration_seconds_sum")
-    commits = delta("etherd_store_commit_duration_seconds_count")
-    stored = delta("etherd_store_rows_total")
-    route = "/api/publish"
-    handler_s = delta(f"etherd_http_request_duration_seconds_sum|{route}")
-    handler_n = delta(f"etherd_http_request_duration_seconds_count|{route}")
+    others = others_s(s0.procs, s1.procs, ours, skip=("postgres",))
+    commit = commit_figures(s0.metrics, s1.metrics, elapsed)
     out: dict[str, Any] = {
         "scenario": scenario,
         "label": args.label,
         "settings": list(args.set),
         "window_s": round(elapsed, 3),
         "server": {
-            "events_stored": int(stored),
-            "events_stored_per_s": round(stored / elapsed, 1),
-            "publish_handler_ms_mean": round(1000 * handler_s / handler_n, 3)
-            if handler_n
-            else None,
-            "commit": {
-                "commits": int(commits),
-                "mean_ms": round(1000 * commit_s / commits, 3) if commits else None,
-                "busy_pct_of_window": round(100 * commit_s / elapsed, 1),
-            },
-            "batch_rows": batch_sizes(s0.metrics, s1.metrics),
-            "store_errors": int(delta("etherd_store_errors_total")),
-            "loop_lag_max_s_last": m1.get("etherd_event_loop_lag_last_seconds"),
+            "events_stored": commit["rows"],
+            "events_stored_per_s": commit["rows_per_s"],
+            "publish_handler_ms_mean": handler_mean_ms(s0.metrics, s1.metrics, "/api/publish"),
+            "commit": commit,
+            "batch_rows": histogram_delta(s0.metrics, s1.metrics, "etherd_store_batch_rows"),
+            "store_errors": int(s1.metrics.delta(s0.metrics, "etherd_store_errors_total")),
+            "loop_lag_max_s_last": s1.metrics.values.get("etherd_event_loop_lag_last_seconds"),
         },
         "cpu_pct_of_one_core": {
             "etherd": round(100 * server_cpu / elapsed, 1),
@@ -1147,20 +641,11 @@ def assemble(
             "bench_main": round(100 * own_cpu / elapsed, 1),
             "postgres": round(100 * pg_cpu / elapsed, 1),
             "others": round(100 * others / elapsed, 1),
-            "busiest_others": busiest(s0.procs, s1.procs, ours, elapsed, skip="postgres"),
+            "busiest_others": busiest(s0.procs, s1.procs, ours, elapsed, skip=("postgres",)),
         },
         "disturbed": 100 * others / elapsed > args.quiet_pct,
         # Per core: process time (user + system), irq + softirq, steal; % of the window.
-        "core_pct": {
-            k: {
-                "task": round(100 * v[0] / elapsed, 1),
-                "irq": round(100 * v[1] / elapsed, 1),
-                "steal": round(100 * v[2] / elapsed, 1),
-                "idle": round(100 - 100 * sum(v) / elapsed, 1),
-            }
-            for k, v in sorted(busy.items())
-            if k != "cpu"
-        },
+        "core_pct": cpu_pct(s0.busy, s1.busy, elapsed),
     }
     if scenario in ("batch", "single"):
         ok = sum(r["ok"] for r in results)
@@ -1231,53 +716,7 @@ def assemble(
     return out
 
 
-# -- versions and report -------------------------------------------------------------------
-
-
-def versions(pg_server: str | None) -> dict[str, str]:
-    out = {
-        "python": platform.python_version(),
-        "sqlite": sqlite3.sqlite_version,
-        "kernel": platform.release(),
-        "cpu": _cpu_model(),
-        "cpus": str(os.cpu_count()),
-    }
-    for package in ("etherd", "uvloop", "picows", "msgspec", "asyncpg", "httptools"):
-        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-            out[package] = importlib.metadata.version(package)
-    with contextlib.suppress(OSError, subprocess.CalledProcessError):
-        commit = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(ROOT), "status", "--porcelain", "--", "etherd"],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.split()
-        changed = sorted({p for p in dirty if p.startswith("etherd/")})
-        out["etherd_commit"] = commit + (f" (uncommitted: {', '.join(changed)})" if dirty else "")
-    # The server is started with this interpreter and environment, so it runs the etherd
-    # this process would import: the repository's, or a scratch copy named by PYTHONPATH.
-    spec = importlib.util.find_spec("etherd")
-    origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
-    out["etherd_source"] = (
-        "repository" if origin is not None and origin.is_relative_to(ROOT) else "other copy"
-    )
-    if pg_server is not None:
-        out["postgresql"] = asyncio.run(pg_version(pg_server))
-    return out
-
-
-def _cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
+# -- report ------------------------------------------------------------------------------
 
 
 def report(r: dict[str, Any]) -> str:
@@ -1315,10 +754,11 @@ def report(r: dict[str, Any]) -> str:
             f"deliveries, {r['offset_gaps']} offset gaps, publish errors "
             f"{r['publish_errors'] or 'none'}, other frames {r['unexpected_frames'] or 'none'}",
         ]
+    commit = srv["commit"]
     lines += [
-        f"group commit       {srv['commit']['commits']} commits, {srv['commit']['mean_ms']} ms "
-        f"each, pipeline busy {srv['commit']['busy_pct_of_window']} %; rows per commit mean "
-        f"{batches['mean_rows']}, p50 {batches['p50_bucket']}, p90 {batches['p90_bucket']}",
+        f"group commit       {commit['commits']} commits, {commit['mean_commit_ms']} ms "
+        f"each, pipeline busy {commit['busy_pct_of_window']} %; rows per commit mean "
+        f"{batches['mean']}, p50 {batches['p50_bucket']}, p90 {batches['p90_bucket']}",
         f"batch histogram    {batches['histogram']}",
         f"CPU (% of a core)  etherd {cpu['etherd']}, load {cpu['load_processes']}, "
         f"PostgreSQL {cpu['postgres']}, others {cpu['others']} {cpu['busiest_others']}"
@@ -1357,8 +797,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds before the window")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
-    parser.add_argument("--server-cpu", type=int, default=0)
-    parser.add_argument("--client-cpu", type=int, default=1)
+    add_placement(parser)
     parser.add_argument("--pad", type=int, default=40, help="filler characters per event")
     parser.add_argument("--topics", type=int, default=16, help="topics (batch and single)")
     parser.add_argument("--batch-size", type=int, default=1000, help="events per request")
@@ -1371,27 +810,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sub-procs", type=int, default=1)
     parser.add_argument("--lat-topics", type=int, default=1, help="every subscriber takes all")
     parser.add_argument("--lat-conns", type=int, default=32, help="publisher connections")
+    add_settings(parser)
     parser.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="an etherd setting for the run, e.g. store.batch_max_rows=10000",
+        "--pg-server", default=pg.LOCAL_SERVER, help="PostgreSQL server, no database"
     )
-    parser.add_argument("--pg-server", default=PG_SERVER, help="PostgreSQL server, no database")
     parser.add_argument("--keep-db", action="store_true", help="keep the PostgreSQL database")
-    parser.add_argument("--py-spy", type=Path, help="record the server into this raw profile")
-    parser.add_argument("--py-spy-rate", type=int, default=200, help="samples per second")
-    parser.add_argument("--py-spy-native", action="store_true", help="include C frames")
-    parser.add_argument("--label", default="", help="a name for this run in the JSON line")
-    parser.add_argument("--json", type=Path, help="append one JSON line per run")
+    add_py_spy(parser)
+    add_output(parser)
     parser.add_argument("--quiet-pct", type=float, default=25.0)
     parser.add_argument("--quiet-timeout", type=float, default=180.0)
     args = parser.parse_args(argv)
 
     with contextlib.suppress(OSError, AttributeError):
         os.sched_setaffinity(0, {args.client_cpu})
-    info = versions(args.pg_server if "pg" in args.stores else None)
+    info = machine_info()
+    if "pg" in args.stores:
+        info["postgresql"] = pg.version(args.pg_server)
     print("versions " + json.dumps(info))
     for store_kind in args.stores:
         for scenario in args.scenarios:

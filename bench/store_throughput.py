@@ -1,6 +1,6 @@
 """Throughput of the event log: N events through a Batcher from K concurrent submitters.
 
-    python bench/store_throughput.py [-n 50000] [-k 100] [--per-write 1] [--pg URL]
+    python -m bench.store_throughput [-n 50000] [-k 100] [--per-write 1] [--pg URL]
 
 Runs against a fresh SQLite file (synchronous=FULL, as in production) and against
 PostgreSQL: the URL given with ``--pg`` (its tables are reset), or else a throwaway cluster
@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import uvloop
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from etherd.core.config import Config, StoreConfig  # noqa: E402
-from etherd.core.events import NewEvent, Write  # noqa: E402
-from etherd.store import Batcher  # noqa: E402
-from etherd.store.factory import open_store  # noqa: E402
+from bench.common import pg
+from etherd.core.config import Config, StoreConfig
+from etherd.core.events import NewEvent, Write
+from etherd.store import Batcher
+from etherd.store.factory import open_store
 
 DATA = b'{"task_id":"task_abc","run_id":"run_1","phase":"working","user_message":"step done"}'
 
@@ -96,15 +93,9 @@ def main() -> None:
     if args.pg:
         report("postgres", uvloop.run(measure(args.pg, args.n, args.k, args.per_write)))
         return
-    from tests.pgcluster import PgCluster, Server
-
-    cluster = PgCluster.create(fsync=True)
-    try:
-        cluster.start()
-        url = Server(cluster.url, cluster).create_database()
+    with pg.throwaway_cluster(fsync=True) as server:
+        url = pg.fresh_database(server, "etherd_bench_store")
         report("postgres", uvloop.run(measure(url, args.n, args.k, args.per_write)))
-    finally:
-        cluster.destroy()
 
 
 if __name__ == "__main__":

@@ -5,11 +5,12 @@ Run from the repository root in the virtualenv::
     python -m bench.fanout.matrix                 # the full matrix, about 10 minutes
     python -m bench.fanout.matrix --quick         # what `make bench` runs: a few cells, ~1.5 min
     python -m bench.fanout.matrix --plot-only bench/results/fanout-matrix-2026-11-29.jsonl
+    python -m bench.fanout.matrix --side-by-side --rounds 3   # etherd vs uWS, sidebyside.py
 
 For every cell (N subscribers, R msg/s) it runs ``python -m bench.fanout.driver`` as its
 own process (a fresh server each time, server pinned to ``--server-cpu``, subscribers and
-the open-loop publisher pinned to ``--client-cpus``, ``--client raw`` so every frame is
-timed at the least client cost). Cells whose load N x R exceeds ``--max-fps`` frames/s are
+the open-loop publisher pinned to ``--client-cpus``, the C client ``subclient.c`` so every
+frame is timed at the least client cost). Cells whose load N x R exceeds ``--max-fps`` frames/s are
 skipped. It then measures ``--idle`` idle connections for the memory target.
 
 Output, in ``--out-dir`` (default ``bench/results``; ``bench/results/quick`` with
@@ -37,8 +38,6 @@ others used in the kept run.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import importlib
 import json
 import math
 import os
@@ -51,6 +50,9 @@ from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from bench.common.machine import cpu_detail, header_lines, machine_info
+from bench.fanout import sidebyside
 
 ROOT = Path(__file__).resolve().parents[2]
 FULL_NS = (100, 1000, 10000)
@@ -84,7 +86,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--max-fps", type=float, default=1.5e6, help="skip cells with N x rate above this"
     )
     p.add_argument("--idle", type=int, default=10000, help="idle connections to measure (0: no)")
-    p.add_argument("--client", choices=("raw", "picows"), default="raw")
+    p.add_argument("--client", choices=("c", "raw", "picows"), default="c")
+    p.add_argument(
+        "--side-by-side",
+        action="store_true",
+        help="the standard cells against etherd and the uWS peer (see sidebyside.py)",
+    )
+    p.add_argument("--peers", default="etherd,uws", help="with --side-by-side: the servers")
+    p.add_argument("--rounds", type=int, default=3, help="with --side-by-side: rounds per cell")
+    p.add_argument("--name", help="with --side-by-side: file names say sidebyside-NAME")
     p.add_argument("--server-cpu", default="0")
     p.add_argument("--client-cpus", default="1")
     p.add_argument("--wait-quiet", type=float, default=15.0, help="driver --wait-quiet PCT")
@@ -117,6 +127,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         args.retry_noisy = 0 if args.quick else 3
     if args.out_dir is None:
         args.out_dir = ROOT / "bench" / "results" / ("quick" if args.quick else "")
+    if args.side_by_side and args.quick:
+        p.error("--side-by-side runs the standard cells; leave out --quick")
     return args
 
 
@@ -165,37 +177,62 @@ def run_driver(args: argparse.Namespace, extra: list[str], label: str) -> list[d
         return [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
 
 
+def cell_args(n: int, rate: int, args: argparse.Namespace) -> list[str]:
+    """The driver's arguments for one grid cell."""
+    return [
+        "-n",
+        str(n),
+        "--rate",
+        str(rate),
+        "--duration",
+        str(args.duration),
+        "--client",
+        args.client,
+    ]
+
+
 def run_matrix(args: argparse.Namespace, jsonl: Path) -> list[dict[str, Any]]:
-    todo = cells(args.ns, args.rates, args.max_fps)
-    skipped = [(n, r) for n in args.ns for r in args.rates if (n, r) not in todo]
-    print(
-        f"{len(todo)} cells x {args.repeat}, {args.duration:g} s each"
-        + (f"; skipped above {args.max_fps:,.0f} frames/s: {skipped}" if skipped else ""),
-        flush=True,
-    )
+    if args.side_by_side:
+        todo: list[tuple[int, int]] = []
+        print(
+            f"{len(sidebyside.STANDARD)} standard cells x {args.rounds} rounds x "
+            f"{args.peers}, {args.duration:g} s each",
+            flush=True,
+        )
+    else:
+        todo = cells(args.ns, args.rates, args.max_fps)
+        skipped = [(n, r) for n in args.ns for r in args.rates if (n, r) not in todo]
+        print(
+            f"{len(todo)} cells x {args.repeat}, {args.duration:g} s each"
+            + (f"; skipped above {args.max_fps:,.0f} frames/s: {skipped}" if skipped else ""),
+            flush=True,
+        )
     records: list[dict[str, Any]] = []
     started = time.monotonic()
     plan: list[tuple[str, list[str], dict[str, Any]]] = [
         (
             f"matrix-n{n}-r{r}",
-            [
-                "-n",
-                str(n),
-                "--rate",
-                str(r),
-                "--duration",
-                str(args.duration),
-                "--client",
-                args.client,
-            ],
+            cell_args(n, r, args),
             {"n": n, "rate": r},
         )
         for n, r in todo
     ]
-    if args.idle:
+    if args.side_by_side:
+        # One driver per cell: it alternates the servers run by run over the rounds.
+        peers = ["--peers", args.peers, "--rounds", str(args.rounds)]
+        plan = [
+            (
+                f"sidebyside-n{n}-" + (f"r{r}" if r else "idle"),
+                sidebyside.driver_args((n, r), args.duration) + peers,
+                {"n": n, "rate": r} if r else {"idle": n},
+            )
+            for n, r in sidebyside.STANDARD
+            if r or args.idle
+        ]
+    elif args.idle:
         plan.append((f"matrix-idle{args.idle}", ["--idle", str(args.idle)], {"idle": args.idle}))
     for i, (label, extra, cell) in enumerate(plan, 1):
-        for rep in range(args.repeat if "n" in cell else 1):
+        for rep in range(args.repeat if "n" in cell and not args.side_by_side else 1):
             print(f"[{i}/{len(plan)}] {label} run {rep + 1}", flush=True)
             for record in run_driver(args, extra, label):
                 record["matrix"] = {
@@ -241,45 +278,6 @@ def _fmt(v: Any) -> str:
 
 def _row(cells: Sequence[Any]) -> str:
     return "| " + " | ".join(_fmt(c) for c in cells) + " |"
-
-
-def machine_info() -> dict[str, Any]:
-    """The driver's machine record (versions, commit) plus :func:`cpu_model`.
-
-    Imported by name at run time: mypy sees ``bench/`` files as top-level modules, and a
-    static ``bench.fanout.driver`` import would make it find driver.py twice.
-    """
-    driver = importlib.import_module("bench.fanout.driver")
-    info: dict[str, Any] = driver.machine_info()
-    return {**info, "cpu_model": cpu_model()}
-
-
-def cpu_model() -> str:
-    """``model name`` of /proc/cpuinfo with family and model, and whether it is a VM."""
-    info: dict[str, str] = {}
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            info.setdefault(key.strip(), value.strip())
-    name = info.get("model name", "?")
-    if "cpu family" in info:
-        name += f" (family {info['cpu family']}, model {info.get('model', '?')})"
-    if "hypervisor" in info.get("flags", "").split():
-        name += ", virtual machine"
-    return name
-
-
-def header(machine: dict[str, Any]) -> list[str]:
-    return [
-        f"- Machine: {machine.get('cpu_model') or machine.get('cpu')}, "
-        f"{machine.get('cores')} cores, {machine.get('ram_gb')} GB RAM",
-        f"- Kernel {machine.get('kernel')}",
-        f"- Python {machine.get('python')}; uvloop {machine.get('uvloop')}, picows "
-        f"{machine.get('picows')}, msgspec {machine.get('msgspec')}, httptools "
-        f"{machine.get('httptools')}, asyncpg {machine.get('asyncpg')}",
-        f"- etherd commit {machine.get('etherd_commit')}"
-        + (f" ({machine['etherd_tree']})" if machine.get("etherd_tree") else ""),
-    ]
 
 
 def client_busy(r: dict[str, Any]) -> tuple[float, float]:
@@ -439,7 +437,7 @@ def markdown(
     lines = [
         f"# Fan-out matrix{' (quick)' if args.quick else ''}, {args.date}",
         "",
-        *header(machine),
+        *header_lines(machine),
         f"- Server pinned to core {args.server_cpu}; subscribers (`--client {args.client}`), "
         f"publisher and driver pinned to core {args.client_cpus}; loopback, SQLite, "
         f"non-durable events, one topic, {fan[0]['payload_bytes'] if fan else '?'}-byte event "
@@ -743,7 +741,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out_dir: Path = args.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"fanout-matrix{'-quick' if args.quick else ''}-{args.date}"
-    machine = machine_info()
+    if args.side_by_side:
+        stem = f"sidebyside-{args.name or args.date}"
+    machine = {**machine_info(peers=args.side_by_side), "cpu_model": cpu_detail()}
     prev: dict[tuple[int, int], Any] = {}
     if args.plot_only:
         records = []
@@ -751,7 +751,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             with path.open(encoding="utf-8") as f:
                 records += [json.loads(line) for line in f if line.strip()]
         if records and records[0].get("machine"):
-            machine = {"cpu_model": cpu_model(), **records[0]["machine"]}
+            machine = {"cpu_model": cpu_detail(), **records[0]["machine"]}
         jsonl = args.plot_only[0]
     else:
         jsonl = out_dir / f"{stem}.jsonl"
@@ -762,12 +762,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             print("no run succeeded", file=sys.stderr)
             return 1
     note = " (quick run)" if args.quick or "quick" in jsonl.name else ""
+    side = args.side_by_side or any(r.get("server") == "uws" for r in records)
     try:
-        plots = plot(records, machine, out_dir, note)
+        if side:
+            plot_stem = jsonl.stem if args.plot_only else stem
+            plots = sidebyside.plot(records, machine, out_dir, plot_stem)
+        else:
+            plots = plot(records, machine, out_dir, note)
     except ImportError:
         print("matplotlib is not installed: pip install -e '.[bench]'; no plots", file=sys.stderr)
         plots = []
-    md = markdown(records, machine, args, plots)
+    if side:
+        title = f"etherd and uWebSockets.js side by side, {args.date}"
+        md = sidebyside.markdown(records, machine, title, plots)
+    else:
+        md = markdown(records, machine, args, plots)
     md_path = out_dir / f"{jsonl.stem if args.plot_only else stem}.md"
     md_path.write_text(md, encoding="utf-8")
     print()
