@@ -2,8 +2,7 @@
 
 No sockets: subscribers are fake sinks that count what they are given, and the event loop
 is a list of callbacks run by hand (the pattern of ``tests/unit/test_hub.py``). A fan-out
-round is ``publish`` (trie lookup, one pending append per subscriber, flush scheduled)
-plus running the scheduled flushes until every subscriber's write happened, so the clock
+round is ``publish`` (trie lookup, a segment opened, flush scheduled) plus running the scheduled flushes until every subscriber's write happened, so the clock
 stops only after the last write.
 
     python -m pytest bench/micro --benchmark-only -q -p no:cacheprovider
@@ -18,7 +17,7 @@ from pytest_benchmark.fixture import BenchmarkFixture
 
 from etherd.core.events import StoredEvent
 from etherd.core.frames import ws_text_frame
-from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment
+from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Pending, Prepared, Resuming
 from etherd.core.wire import event_json
 
 # The server's default (config ``realtime.fanout_slice``).
@@ -34,17 +33,23 @@ JSON = event_json(TOPIC, "os.harness.step", 1742, 1_764_400_000_123, STEP)
 class CountingSink:
     """A hub sink whose write only counts (a list of writes would grow without bound)."""
 
-    __slots__ = ("alive", "bytes", "kind", "pending", "resuming", "writes")
+    __slots__ = ("alive", "bytes", "direct", "kind", "pending", "resuming", "writes")
 
     def __init__(self, kind: int = KIND_WS) -> None:
         self.kind = kind
-        self.pending: list[bytes | Segment] = []
+        self.pending: list[Pending] = []
         self.resuming: dict[str, Resuming] | None = None
         self.alive = True
+        # Like an open WebSocket session with one subscription.
+        self.direct = kind == KIND_WS
         self.writes = 0
         self.bytes = 0
 
     def write(self, data: bytes) -> None:
+        self.writes += 1
+        self.bytes += len(data)
+
+    def send(self, data: bytes) -> None:
         self.writes += 1
         self.bytes += len(data)
 

@@ -11,22 +11,28 @@ instead of ten (measured: about 1 µs of CPU per frame coalesced, 6-9 µs per fr
 one by one).
 
 Events go to subscribers in *segments*: the first event of a topic in a tick opens a
-segment and puts a reference to it on each subscriber's ``pending`` list (one append per
-subscriber); further events of the same topic in the same tick are added to the segment
-only, at no cost per subscriber. At flush the segment's frames are joined once and the same
-bytes are written to every subscriber. A segment stays open only while nothing could be
-reordered by extending it: anything else queued for any sink (a reply, a replay, an event
-of another topic) or a flush seals it, and the next event opens a new one. So every sink
-sees exactly the order in which things were queued for it, and a 10,000-subscriber topic
-published to several times per tick costs one pass over the subscribers per tick rather
-than one per event.
+segment (the topic's cached tuple of subscribers and the event); further events of the same
+topic in the same tick join it. Publishing touches no subscriber. At flush the segment's
+frames are joined once, and each *direct* subscriber (see ``Sink.direct``: an open
+WebSocket below its high-water mark, with one plain subscription and nothing else waiting)
+gets those same bytes with one ``send``, which is its transport's own write: about three
+attribute reads and a C call per subscriber per tick, and no per-subscriber list.
+
+Everything else takes the ordered path: a reply, a replay or an event a resuming sink gets
+on its own is queued on the sink's ``pending`` list with a sequence number, and a segment
+that reaches a sink that is not direct, or has bytes of its own waiting, is put on that
+list too, with the segment's number. At the end of the flush each such sink gets all of its
+items, sorted by number and joined, in one ``write``. So every sink sees exactly the order
+in which things were queued for it. A segment stays open only while nothing could be
+reordered by extending it: anything queued for a sink, a resume starting or ending, or a
+flush seals it, and the next event opens a new one.
 
 A flush over very many subscribers is cut into slices of ``fanout_slice`` subscribers;
 the rest is rescheduled so HTTP requests and commits interleave with a large fan-out.
 
-The hub never touches sockets: a subscriber is any object with the ``Sink`` attributes and
-its ``write`` decides what a write means (a WebSocket transport, an SSE stream, a list in
-a test). Scheduling is injected (``loop.call_soon`` in the server), which keeps this module
+The hub never touches sockets: a subscriber is any object with the ``Sink`` attributes; its
+``send`` and ``write`` decide what a write means (a WebSocket transport, an SSE stream, a
+list in a test). Scheduling is injected (``loop.call_soon`` in the server), which keeps this module
 free of asyncio and lets tests drive it by hand.
 
 Resume without a gap or a duplicate: a sink that is replaying a topic from the store has a
@@ -40,6 +46,7 @@ past that offset ends the check.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Collection, Iterable
 from typing import Final, Protocol
 
@@ -110,15 +117,26 @@ class Resuming:
 
 
 class Segment:
-    """Consecutive events of one topic queued for the same subscribers within one tick."""
+    """Consecutive events of one topic for the same subscribers within one tick.
 
-    __slots__ = ("_sse", "_ws", "frames", "resumers", "subs")
+    ``seq`` places it among everything else queued in the tick (replies, replays, other
+    segments); ``resumers`` are the sinks that were resuming its topic when it opened: they
+    get each of its events on their own (held, dropped or queued), never the shared bytes.
+    """
 
-    def __init__(self, subs: Collection[Sink], first: Prepared) -> None:
+    __slots__ = ("_sse", "_ws", "frames", "resumers", "seq", "subs")
+
+    def __init__(
+        self,
+        subs: Collection[Sink],
+        first: Prepared,
+        seq: int,
+        resumers: frozenset[Sink] | None,
+    ) -> None:
         self.subs = subs
         self.frames = [first]
-        # Subscribers resuming this topic: they get each event on their own (held or not).
-        self.resumers: list[Sink] = []
+        self.seq = seq
+        self.resumers = resumers
         self._ws: bytes | None = None
         self._sse: bytes | None = None
 
@@ -134,22 +152,38 @@ class Segment:
         return self._sse
 
 
+# What waits for a sink's next write: (seq, own bytes or a shared segment), by seq.
+Pending = tuple[int, "bytes | Segment"]
+
+
 class Sink(Protocol):
     """What the hub needs from a subscriber (a WebSocket session or an SSE stream)."""
 
     kind: int
-    # What to write at the next flush, in order: own bytes and shared segments.
-    pending: list[bytes | Segment]
+    # Own bytes and shared segments waiting for the next flush (see ``Pending``).
+    pending: list[Pending]
     # Topics being resumed from the store; None (the fast path) when there are none.
     resuming: dict[str, Resuming] | None
     # False once the sink is closed; the hub then drops it without writing.
     alive: bool
+    # The hub may hand segments straight to ``send`` (see the module docstring): the sink is
+    # open, a WebSocket, not above its write buffer's high-water mark, and holds at most one
+    # subscription, which is not a pattern. The sink keeps this up to date.
+    direct: bool
+
+    def send(self, data: bytes) -> None:
+        """Write bytes with no checks (only called while ``direct``)."""
+        ...
 
     def write(self, data: bytes) -> None:
         """Write bytes to the peer; may close the sink (slow consumer) as a side effect."""
         ...
 
     def __hash__(self) -> int: ...
+
+
+def _seq_of(item: Pending) -> int:
+    return item[0]
 
 
 class Hub:
@@ -159,11 +193,19 @@ class Hub:
         self._schedule = schedule
         self._slice = fanout_slice
         self._trie: TopicTrie[Sink] = TopicTrie()
+        # Segments of this tick not yet written, in order; how far into the first one the
+        # last (sliced) flush got.
+        self._segments: deque[Segment] = deque()
+        self._seg_pos = 0
+        # Sinks with pending items (own bytes, or segments they could not take directly).
         self._dirty: list[Sink] = []
+        self._seq = 0
         self._flush_scheduled = False
         # The segment later events of the same topic may join (see the module docstring).
         self._open: Segment | None = None
         self._open_topic = ""
+        # topic -> sinks resuming it (so publish finds them without looking at every sink).
+        self._resuming: dict[str, set[Sink]] = {}
         # Counters for metrics; plain ints so the hot path stays cheap.
         self.published = 0
         self.frames_queued = 0
@@ -181,9 +223,13 @@ class Hub:
         return self._trie.remove(pattern, sink)
 
     def unsubscribe_all(self, patterns: Iterable[str], sink: Sink) -> None:
-        """Remove every subscription a sink holds (on disconnect)."""
+        """Remove every subscription and resume a sink holds (on disconnect)."""
         for pattern in patterns:
             self._trie.remove(pattern, sink)
+        resuming = sink.resuming
+        if resuming:
+            for topic in list(resuming):
+                self.forget(sink, topic)
 
     @property
     def subscription_count(self) -> int:
@@ -209,7 +255,7 @@ class Hub:
 
     def is_empty(self) -> bool:
         """No subscriptions left (used by tests to prove nothing leaks)."""
-        return self._trie.is_empty()
+        return self._trie.is_empty() and not self._resuming
 
     # -- fan-out ---------------------------------------------------------------------------
 
@@ -226,32 +272,29 @@ class Hub:
         return total
 
     def publish(self, prepared: Prepared) -> int:
-        """Queue one encoded event for every matching sink; returns how many."""
+        """Queue one encoded event for every matching sink; returns how many.
+
+        Touches no sink (but those resuming the topic): the flush hands the segment to
+        every subscriber.
+        """
         self.published += 1
         topic = prepared.topic
         subs = self._trie.match(topic)
         if not subs:
             return 0
+        resumers = self._resuming.get(topic)
         segment = self._open
         if segment is not None and segment.subs is subs and self._open_topic == topic:
             segment.frames.append(prepared)
-            for sink in segment.resumers:
-                self._one(sink, prepared)
         else:
-            segment = Segment(subs, prepared)
+            segment = Segment(subs, prepared, self._seq, frozenset(resumers) if resumers else None)
+            self._seq += 1
+            self._segments.append(segment)
             self._open = segment
             self._open_topic = topic
-            dirty = self._dirty
-            for sink in subs:
-                resuming = sink.resuming
-                if resuming is not None and topic in resuming:
-                    segment.resumers.append(sink)
-                    self._one(sink, prepared)
-                    continue
-                pending = sink.pending
-                if not pending:
-                    dirty.append(sink)
-                pending.append(segment)
+        if resumers:
+            for sink in list(resumers):
+                self._one(sink, prepared)
         self.frames_queued += len(subs)
         if not self._flush_scheduled:
             self._flush_scheduled = True
@@ -261,11 +304,26 @@ class Hub:
     def _one(self, sink: Sink, prepared: Prepared) -> None:
         """Deliver to a sink that resumes the topic: held, dropped or queued on its own."""
         resuming = sink.resuming
-        if resuming is not None and prepared.topic in resuming and not _admit(sink, prepared):
+        if resuming is not None and prepared.topic in resuming and not self._admit(sink, prepared):
             return
-        if not sink.pending:
-            self._dirty.append(sink)
-        sink.pending.append(prepared.variant(sink.kind))
+        self.queue(sink, prepared.variant(sink.kind))
+
+    def _admit(self, sink: Sink, prepared: Prepared) -> bool:
+        """Whether a live event of a resuming topic goes out now (True), or is held or
+        dropped. The first live event past the replay ends the resume."""
+        resuming = sink.resuming
+        assert resuming is not None
+        state = resuming[prepared.topic]
+        if state.held is not None:
+            state.held.append(prepared)
+            return False
+        offset = prepared.offset
+        if offset is None:
+            return True
+        if offset <= state.floor:
+            return False
+        self.forget(sink, prepared.topic)
+        return True
 
     def hold(self, sink: Sink, topic: str, after: int) -> None:
         """Start resuming a topic for a sink: live events wait until ``release``."""
@@ -273,6 +331,7 @@ class Hub:
         if sink.resuming is None:
             sink.resuming = {}
         sink.resuming[topic] = Resuming(after)
+        self._resuming.setdefault(topic, set()).add(sink)
 
     def release(self, sink: Sink, topic: str, last: int) -> None:
         """The replay of ``topic`` up to offset ``last`` is queued: let live events through."""
@@ -284,7 +343,7 @@ class Hub:
         state.floor = max(state.floor, last)
         for prepared in held:
             resuming = sink.resuming
-            if resuming is None or topic not in resuming or _admit(sink, prepared):
+            if resuming is None or topic not in resuming or self._admit(sink, prepared):
                 self.queue(sink, prepared.variant(sink.kind))
 
     def replay(self, sink: Sink, topic: str, after: int, events: Iterable[StoredEvent]) -> None:
@@ -297,60 +356,115 @@ class Hub:
         self.release(sink, topic, last)
 
     def forget(self, sink: Sink, topic: str) -> None:
-        """Drop a sink's resume state for a topic (on unsubscribe)."""
-        if sink.resuming is not None:
-            sink.resuming.pop(topic, None)
-            if not sink.resuming:
+        """Drop a sink's resume state for a topic (on unsubscribe, or once it caught up)."""
+        resuming = sink.resuming
+        if resuming is not None and resuming.pop(topic, None) is not None:
+            if not resuming:
                 sink.resuming = None
+            sinks = self._resuming.get(topic)
+            if sinks is not None:
+                sinks.discard(sink)
+                if not sinks:
+                    del self._resuming[topic]
+            # Later events of the topic reach this sink through segments again.
+            self._open = None
 
     def queue(self, sink: Sink, data: bytes) -> None:
         """Queue bytes for one sink in order with its fan-out (replies, replays)."""
         # Events published after this must come after it: they start a new segment.
         self._open = None
-        if not sink.pending:
+        pending = sink.pending
+        if not pending:
             self._dirty.append(sink)
-        sink.pending.append(data)
+        pending.append((self._seq, data))
+        self._seq += 1
         if not self._flush_scheduled:
             self._flush_scheduled = True
             self._schedule(self.flush)
 
     def flush(self) -> None:
-        """Write each dirty sink's pending bytes in one write; slice very large flushes."""
+        """Write this tick's segments and every sink's own bytes; slice large fan-outs.
+
+        First the segments, in order: each is handed to its direct subscribers with one
+        ``send`` each; other subscribers (not direct, or with bytes of their own waiting)
+        get it on their pending list. Then every sink with pending items gets them, joined
+        in order, in one ``write``. At most ``fanout_slice`` subscribers are served per call;
+        the rest is rescheduled, so HTTP and commits interleave with a large fan-out.
+        """
         self._flush_scheduled = False
         self._open = None
+        budget = self._slice
+        writes = 0
+        nbytes = 0
+        segments = self._segments
         dirty = self._dirty
-        if len(dirty) > self._slice:
-            now, rest = dirty[: self._slice], dirty[self._slice :]
-            self._dirty = rest
+        while segments:
+            segment = segments[0]
+            subs = segment.subs
+            start = self._seg_pos
+            total = len(subs)
+            end = total if total - start <= budget else start + budget
+            data = segment.joined(KIND_WS)
+            size = len(data)
+            seq = segment.seq
+            skip = segment.resumers
+            part = subs if start == 0 and end == total else tuple(subs)[start:end]
+            slow = 0
+            if skip is None:
+                for sink in part:
+                    if sink.direct and not sink.pending:
+                        sink.send(data)
+                    else:
+                        slow += 1
+                        if sink.alive:
+                            if not sink.pending:
+                                dirty.append(sink)
+                            sink.pending.append((seq, segment))
+            else:
+                for sink in part:
+                    if sink in skip:
+                        slow += 1
+                    elif sink.direct and not sink.pending:
+                        sink.send(data)
+                    else:
+                        slow += 1
+                        if sink.alive:
+                            if not sink.pending:
+                                dirty.append(sink)
+                            sink.pending.append((seq, segment))
+            sent = end - start - slow
+            writes += sent
+            nbytes += sent * size
+            budget -= end - start
+            if end < total:
+                self._seg_pos = end
+                self._reschedule(writes, nbytes)
+                return
+            segments.popleft()
+            self._seg_pos = 0
+            if budget <= 0 and (segments or dirty):
+                self._reschedule(writes, nbytes)
+                return
+        if len(dirty) > budget:
+            now, self._dirty = dirty[:budget], dirty[budget:]
             self._flush_scheduled = True
             self._schedule(self.flush)
         else:
             now = dirty
             self._dirty = []
-        writes = 0
-        nbytes = 0
-        # Neighbouring sinks usually hold the same single segment: reuse its bytes.
-        last: bytes | Segment | None = None
-        last_kind = -1
-        last_data = b""
         for sink in now:
             pending = sink.pending
             if not pending:
                 continue
+            kind = sink.kind
             if len(pending) == 1:
-                item = pending[0]
-                kind = sink.kind
-                if item is last and kind == last_kind:
-                    data = last_data
-                elif isinstance(item, bytes):
-                    data = item
-                else:
-                    data = last_data = item.joined(kind)
-                    last = item
-                    last_kind = kind
+                item = pending[0][1]
+                data = item if isinstance(item, bytes) else item.joined(kind)
             else:
-                kind = sink.kind
-                data = b"".join([x if isinstance(x, bytes) else x.joined(kind) for x in pending])
+                pending.sort(key=_seq_of)
+                data = b"".join(
+                    [x if isinstance(x, bytes) else x.joined(kind) for _, x in pending]
+                )
             pending.clear()
             if sink.alive:
                 sink.write(data)
@@ -359,21 +473,10 @@ class Hub:
         self.writes += writes
         self.bytes_written += nbytes
 
+    def _reschedule(self, writes: int, nbytes: int) -> None:
+        self.writes += writes
+        self.bytes_written += nbytes
+        self._flush_scheduled = True
+        self._schedule(self.flush)
 
-def _admit(sink: Sink, prepared: Prepared) -> bool:
-    """Whether a live event of a resuming topic goes out now (True) or is held or dropped."""
-    resuming = sink.resuming
-    assert resuming is not None
-    state = resuming[prepared.topic]
-    if state.held is not None:
-        state.held.append(prepared)
-        return False
-    offset = prepared.offset
-    if offset is None:
-        return True
-    if offset <= state.floor:
-        return False
-    del resuming[prepared.topic]
-    if not resuming:
-        sink.resuming = None
-    return True
+

@@ -19,7 +19,7 @@ from typing import Final
 
 from etherd.core.auth import Principal
 from etherd.core.frames import sse_chunk
-from etherd.core.hub import KIND_SSE, Resuming, Segment
+from etherd.core.hub import KIND_SSE, Pending, Resuming
 from etherd.core.wire import ENCODER
 from etherd.edge.http.response import Headers, http_date
 from etherd.services.realtime import Realtime
@@ -46,9 +46,12 @@ class SseStream(asyncio.Protocol):
         self.since = since
         self.transport: asyncio.Transport | None = None
         # Hub sink state.
-        self.pending: list[bytes | Segment] = []
+        self.pending: list[Pending] = []
         self.resuming: dict[str, Resuming] | None = None
         self.alive = False
+        # Event-stream chunks differ from the WebSocket bytes a segment hands out directly.
+        self.direct = False
+        self.send = self.write
 
     def __hash__(self) -> int:
         return id(self)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import msgspec
 
@@ -33,7 +33,7 @@ from etherd.core.auth import AuthError, Principal
 from etherd.core.errors import SLOW_CONSUMER, Refusal, binary_message
 from etherd.core.events import StoredEvent
 from etherd.core.frames import ws_text_frame
-from etherd.core.hub import KIND_WS, Resuming, Segment
+from etherd.core.hub import KIND_WS, Pending, Resuming
 from etherd.core.topics import TopicError, is_pattern, validate_pattern
 from etherd.core.wire import (
     COMMAND_DECODER,
@@ -76,12 +76,14 @@ class Session(WebSocket):
         "_max_pending",
         "_publishing",
         "alive",
+        "direct",
         "patterns",
         "peer",
         "pending",
         "principal",
         "realtime",
         "resuming",
+        "send",
         "topics",
     )
 
@@ -96,9 +98,11 @@ class Session(WebSocket):
         self.topics: set[str] = set()
         self.patterns = 0
         # Hub sink state.
-        self.pending: list[bytes | Segment] = []
+        self.pending: list[Pending] = []
         self.resuming: dict[str, Resuming] | None = None
         self.alive = False
+        self.direct = False
+        self.send: Callable[[bytes], None] = _nowhere
         self._max_pending = cfg.max_pending_bytes
         # Created on first use: most sessions never queue a command (an empty deque is
         # about 0.6 KB, per connection).
@@ -139,10 +143,29 @@ class Session(WebSocket):
 
     def on_open(self) -> None:
         self.alive = True
+        assert self.transport is not None
+        self.send = self.transport.write
+        self._refresh_direct()
         self.realtime.connections.session_opened(self)
+
+    def _refresh_direct(self) -> None:
+        """Whether the hub may hand this session segments straight to its transport."""
+        self.direct = (
+            self.alive and not self.paused and self.patterns == 0 and len(self.topics) <= 1
+        )
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        # From now on every write goes through ``write``, which watches the unsent bytes.
+        self.direct = False
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._refresh_direct()
 
     def on_closed(self) -> None:
         self.alive = False
+        self.direct = False
         if self.topics:
             self.realtime.hub.unsubscribe_all(self.topics, self)
             self.topics.clear()
@@ -321,6 +344,7 @@ class Session(WebSocket):
                     self.patterns -= 1
                 hub.forget(self, topic)
                 removed.append(topic)
+        self._refresh_direct()
         self.reply(Unsubscribed(command.id, removed))
 
     async def _subscribe(self, command: Subscribe) -> None:
@@ -368,6 +392,7 @@ class Session(WebSocket):
             hub.hold(self, topic, after)
         for topic in fresh:
             hub.subscribe(topic, self)
+        self._refresh_direct()
         # topic -> (offset the replay starts after, events to replay)
         replays: dict[str, tuple[int, list[StoredEvent]]] = {}
         epoch = realtime.epoch
@@ -423,6 +448,10 @@ class Session(WebSocket):
         if reason is not None:
             return TopicRefusal(topic, "forbidden", reason)
         return None
+
+
+def _nowhere(data: bytes) -> None:
+    """``send`` before the session is open: never called (the session is not direct)."""
 
 
 def _request_id(payload: bytes) -> str | int | None:

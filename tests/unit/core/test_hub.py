@@ -5,22 +5,36 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import msgspec
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from etherd.core.events import StoredEvent
 from etherd.core.frames import ws_text_frame
-from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Prepared, Resuming, Segment
+from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Pending, Prepared, Resuming
 
 
 class FakeSink:
-    def __init__(self, kind: int = KIND_WS) -> None:
+    """A subscriber that records its writes; ``direct`` WebSocket sinks by default."""
+
+    def __init__(self, kind: int = KIND_WS, direct: bool | None = None) -> None:
         self.kind = kind
-        self.pending: list[bytes | Segment] = []
+        self.pending: list[Pending] = []
         self.resuming: dict[str, Resuming] | None = None
         self.alive = True
+        self.direct = kind == KIND_WS if direct is None else direct
         self.writes: list[bytes] = []
+        self.sends = 0
+
+    def send(self, data: bytes) -> None:
+        assert self.direct and self.alive
+        self.sends += 1
+        self.writes.append(data)
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
+
+    def close(self) -> None:
+        self.alive = self.direct = False
 
     def __hash__(self) -> int:
         return id(self)
@@ -129,7 +143,7 @@ def test_dead_sinks_are_not_written() -> None:
     s = FakeSink()
     hub.subscribe("t/a", s)
     hub.publish(prepared("t/a", 1))
-    s.alive = False
+    s.close()
     loop.run()
     assert s.writes == [] and s.pending == []
 
@@ -223,7 +237,7 @@ def test_a_topic_published_many_times_per_tick_costs_one_pass() -> None:
         hub.subscribe("t/a", s)
     for n in range(10):
         hub.publish(prepared("t/a", n))
-    assert all(len(s.pending) == 1 for s in sinks)  # one shared segment each
+    assert all(s.pending == [] and s.writes == [] for s in sinks)  # publishing touched none
     loop.run()
     first = sinks[0].writes[0]
     assert all(s.writes == [first] for s in sinks)
@@ -307,3 +321,95 @@ def test_sse_and_ws_sinks_share_a_segment() -> None:
     loop.run()
     assert ws.writes == [p1.ws + p2.ws]
     assert sse.writes == [p1.sse + p2.sse]
+
+
+def test_direct_sinks_get_one_send_and_others_one_coalesced_write() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    direct, both = FakeSink(), FakeSink(direct=False)
+    hub.subscribe("t/a", direct)
+    hub.subscribe("t/a", both)
+    hub.subscribe("t/b", both)
+    hub.publish(prepared("t/a", 1))
+    hub.publish(prepared("t/b", 2))
+    loop.run()
+    assert direct.sends == 1 and written(direct) == [b'{"n":1}']
+    assert both.sends == 0 and len(both.writes) == 1  # two segments, one write
+    assert written(both) == [b'{"n":1}', b'{"n":2}']
+    assert hub.writes == 2
+
+
+def test_a_direct_sink_with_its_own_bytes_waiting_keeps_their_order() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=1000)
+    s = FakeSink()
+    hub.subscribe("t/a", s)
+    hub.queue(s, ws_text_frame(b"first"))
+    hub.publish(prepared("t/a", 1))
+    hub.queue(s, ws_text_frame(b"last"))
+    loop.run()
+    assert s.sends == 0 and len(s.writes) == 1
+    assert written(s) == [b"first", b'{"n":1}', b"last"]
+
+
+def test_slices_keep_order_with_replies_queued_in_between() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=4)
+    sinks = [FakeSink() for _ in range(10)]
+    for s in sinks:
+        hub.subscribe("t/a", s)
+    hub.publish(prepared("t/a", 1))
+    loop.run()  # only the first slice is written
+    late = sinks[-1]
+    hub.queue(late, ws_text_frame(b"reply"))  # queued after event 1 was published
+    hub.publish(prepared("t/a", 2))
+    while loop.run():
+        pass
+    assert written(late) == [b'{"n":1}', b"reply", b'{"n":2}']
+    for s in sinks[:-1]:
+        assert written(s) == [b'{"n":1}', b'{"n":2}']
+
+
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("pub"), st.sampled_from(["a", "b", "c"])),
+            st.tuples(st.just("reply"), st.integers(0, 3)),
+            st.tuples(st.just("flush"), st.none()),
+        ),
+        max_size=40,
+    ),
+    st.lists(st.sets(st.sampled_from(["a", "b", "c"]), max_size=2), min_size=4, max_size=4),
+    st.integers(1, 5),
+)
+@settings(max_examples=200, deadline=None)
+def test_every_sink_sees_exactly_what_was_queued_for_it_in_order(
+    ops: list[tuple[str, object]], subscriptions: list[set[str]], slice_size: int
+) -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=slice_size)
+    sinks = [FakeSink(direct=len(topics) <= 1) for topics in subscriptions]
+    expected: list[list[bytes]] = [[] for _ in sinks]
+    for sink, topics in zip(sinks, subscriptions, strict=True):
+        for topic in topics:
+            hub.subscribe(f"t/{topic}", sink)
+    n = 0
+    for op, arg in ops:
+        if op == "pub":
+            n += 1
+            hub.publish(prepared(f"t/{arg}", n))
+            for i, topics in enumerate(subscriptions):
+                if arg in topics:
+                    expected[i].append(b'{"n":%d}' % n)
+        elif op == "reply":
+            assert isinstance(arg, int)
+            marker = b"reply-%d" % n
+            hub.queue(sinks[arg], ws_text_frame(marker))
+            expected[arg].append(marker)
+        else:
+            loop.run()
+    while loop.run():
+        pass
+    for sink, want in zip(sinks, expected, strict=True):
+        assert written(sink) == want
+        assert sink.pending == []
