@@ -142,6 +142,7 @@ class Services:
             self.router.streams,
             self.metrics.response,
             self._loop,
+            self.hub.flush_soon,
         )
 
     def apply(self, new: Config) -> None:

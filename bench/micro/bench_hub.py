@@ -1,9 +1,10 @@
 """Micro-benchmarks for ``etherd.core.hub``: frame building and the publish-then-flush fan-out.
 
 No sockets: subscribers are fake sinks that count what they are given, and the event loop
-is a list of callbacks run by hand (the pattern of ``tests/unit/test_hub.py``). A fan-out
-round is ``publish`` (trie lookup, a segment opened, flush scheduled) plus running the scheduled flushes until every subscriber's write happened, so the clock
-stops only after the last write.
+is a list of callbacks run by hand (the pattern of ``tests/unit/core/test_hub.py``). A
+fan-out round is ``publish`` (trie lookup, a segment opened, flush scheduled) plus running
+the scheduled flushes until every subscriber's write happened, so the clock stops only
+after the last write.
 
     python -m pytest bench/micro --benchmark-only -q -p no:cacheprovider
 """

@@ -21,8 +21,9 @@ whole in time, else 408), ``http.keepalive_timeout_s`` (idle connections close),
 
 The connection knows nothing of routes or services: it gets a ``dispatch`` callable that
 turns a request into a result, the route table's ``methods`` for CORS preflights and
-``streams`` for barriers, an ``on_response`` hook (metrics, access log) and the shared
-``ServerState``.
+``streams`` for barriers, an ``on_response`` hook (metrics, access log), an
+``after_start`` hook called once requests were started (the hub's ``flush_soon``) and the
+shared ``ServerState``.
 """
 
 from __future__ import annotations
@@ -82,11 +83,13 @@ class HttpConnection(asyncio.Protocol):
         streams: Callable[[str, str], bool],
         on_response: OnResponse,
         loop: asyncio.AbstractEventLoop,
+        after_start: Callable[[], None] = lambda: None,
     ) -> None:
         self.state = state
         self._dispatch = dispatch
         self._methods = methods
         self._streams = streams
+        self._after_start = after_start
         self._on_response = on_response
         # Kept, not asked for per request: on 3.11 get_running_loop() is a getpid() call.
         self._loop = loop
@@ -105,7 +108,7 @@ class HttpConnection(asyncio.Protocol):
         self._completed = 0
         # Parsed and not yet started; started and not yet answered (in request order).
         self._queue: deque[Request] = deque()
-        self._running: deque[tuple[Request, asyncio.Task[Result]]] = deque()
+        self._running: deque[tuple[Request, asyncio.Future[Result]]] = deque()
         # A request that may take the connection over is running: start nothing after it.
         self._barrier = False
         self._last_turn: Turn | None = None
@@ -146,6 +149,7 @@ class HttpConnection(asyncio.Protocol):
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self._upgrade_tail = bytearray(data[offset:])
+            self._pump()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
             if isinstance(cause, Refusal):
@@ -162,6 +166,11 @@ class HttpConnection(asyncio.Protocol):
                 self._head_bytes += len(data)
                 if self._head_bytes > self._max_head:
                     self._refuse_head()
+                    return
+            # Requests are started once the parser is done with these bytes, never from
+            # inside its callbacks.
+            if completed != self._completed:
+                self._pump()
 
     def _refuse_head(self) -> None:
         self._fail(
@@ -263,29 +272,55 @@ class HttpConnection(asyncio.Protocol):
         ):
             self._reading_paused = True
             self.transport.pause_reading()
-        self._start()
 
     # -- answering -------------------------------------------------------------------------
+
+    def _pump(self, _done: asyncio.Future[Result] | None = None) -> None:
+        """Start what may start and answer what is done, until neither moves.
+
+        Called when requests were parsed and when a running one finishes.
+        """
+        while True:
+            self._start()
+            if not self._answer_done() or self._closing:
+                break
+        if self._closing:
+            return
+        if (
+            self._reading_paused
+            and len(self._queue) + len(self._running) < self._max_pipelined // 2
+        ):
+            self._reading_paused = False
+            if self.transport:
+                self.transport.resume_reading()
+        if not self._running and not self._queue and self._incoming is None:
+            self._arm(self.state.config.http.keepalive_timeout_s, self._idle_timeout)
 
     def _start(self) -> None:
         """Start waiting requests, as many as the pipeline and any barrier allow."""
         queue = self._queue
         running = self._running
+        started = False
         while queue and not self._barrier and not self._closing:
             if len(running) >= self._max_pipelined:
-                return
+                break
             request = queue[0]
             barrier = request.upgrade or self._streams(request.method, request.path)
             if barrier and running:
-                return  # it waits until everything before it is answered
+                break  # it waits until everything before it is answered
             queue.popleft()
             self._barrier = barrier
             turn = Turn(self._last_turn, self._loop)
             self._last_turn = turn
             request.turn = turn
-            task = self._loop.create_task(self._handle(request, turn))
-            running.append((request, task))
-            task.add_done_callback(self._finished)
+            handled = self._loop.create_task(self._handle(request, turn))
+            running.append((request, handled))
+            handled.add_done_callback(self._pump)
+            started = True
+        if started:
+            # The handlers run in the next loop iteration; what they publish should leave in
+            # that same iteration, not one later (see ``Hub.flush_soon``).
+            self._after_start()
 
     async def _handle(self, request: Request, turn: Turn) -> Result:
         state = self.state
@@ -304,28 +339,18 @@ class HttpConnection(asyncio.Protocol):
             # Whether or not it wrote anything, the next request may now commit.
             turn.done()
 
-    def _finished(self, _task: asyncio.Task[Result]) -> None:
-        """Answer, in request order, every request whose turn has come and that is done."""
+    def _answer_done(self) -> bool:
+        """Answer, in request order, every request at the head that is done; whether any was."""
         running = self._running
+        answered = False
         while running and running[0][1].done():
-            request, task = running.popleft()
-            try:
-                result = task.result()
-            except asyncio.CancelledError:
-                return
-            if not self._answer(request, result):
+            request, handled = running.popleft()
+            answered = True
+            if not self._answer(request, handled.result()):
                 self._drop_pending()
-                return
+                return True
             self._barrier = False
-        if self._closing:
-            return
-        if self._reading_paused and len(self._queue) + len(running) < self._max_pipelined // 2:
-            self._reading_paused = False
-            if self.transport:
-                self.transport.resume_reading()
-        self._start()
-        if not running and not self._queue and self._incoming is None:
-            self._arm(self.state.config.http.keepalive_timeout_s, self._idle_timeout)
+        return answered
 
     def _drop_pending(self) -> None:
         """The connection stopped serving requests: nothing after this is answered."""
