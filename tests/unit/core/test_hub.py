@@ -50,10 +50,20 @@ class Loop:
         self.ready.append(cb)
 
     def run(self) -> int:
-        batch, self.ready = self.ready, []
-        for cb in batch:
-            cb()
-        return len(batch)
+        """One loop iteration's callbacks, counting the hub's hop to the back of the queue
+        (``Hub._flush_later``) as part of the flush it schedules."""
+        ran = 0
+        while self.ready:
+            batch, self.ready = self.ready, []
+            hops = 0
+            for cb in batch:
+                cb()
+                if getattr(cb, "__name__", "") == "_flush_later":
+                    hops += 1
+            ran += len(batch) - hops
+            if hops < len(batch):
+                break
+        return ran
 
 
 def prepared(topic: str, n: int) -> Prepared:
