@@ -55,9 +55,11 @@ from etherd.edge.ops.keyfiles import read_key_files
 from etherd.edge.ops.logs import setup_logging
 from etherd.edge.ops.metrics import Metrics
 from etherd.edge.ops.systemd import Notifier, listen_fds, watchdog_interval
-from etherd.services.broker import LocalBroker
+from etherd.services.broker import Broker, LocalBroker
+from etherd.services.cluster import ClusterBroker
 from etherd.services.eventlog import EventLog
 from etherd.services.keepalive import Keepalive
+from etherd.services.leadership import Leadership
 from etherd.services.publisher import Publisher
 from etherd.services.realtime import Realtime
 from etherd.services.retention import Retention
@@ -93,12 +95,13 @@ class Services:
     """Everything one etherd process runs, built and wired in one place."""
 
     def __init__(self, config: Config, loop: asyncio.AbstractEventLoop) -> None:
-        self.state = state = ServerState(config, node_id=f"{socket.gethostname()}-{os.getpid()}")
+        node = config.cluster.node_id or f"{socket.gethostname()}-{os.getpid()}"
+        self.state = state = ServerState(config, node_id=node)
         self.auth = Authenticator(
             config.auth, dev=config.dev_auth, key_files=read_key_files(config.auth)
         )
         self.hub = hub = Hub(loop.call_soon, config.ws.fanout_slice)
-        self.broker = LocalBroker(hub)
+
         self.store = open_store(config)
         self.batcher = Batcher(
             self.store,
@@ -106,16 +109,27 @@ class Services:
             max_delay_ms=config.store.batch_max_delay_ms,
             queue_max_rows=config.store.queue_max_rows,
             retry_max_delay_s=config.store.retry_max_delay_s,
-            on_committed=self.broker.committed,
         )
         self.eventlog = eventlog = EventLog(self.store, self.batcher)
+        self.cluster: ClusterBroker | None = None
+        self.broker: Broker
+        if config.clustered:
+            self.broker = self.cluster = ClusterBroker(hub, eventlog, state)
+        else:
+            self.broker = LocalBroker(hub, eventlog, state.node_id)
+        self.leadership = Leadership(self.store, state)
+        self.batcher.on_committed = self.broker.committed
         self.publisher = Publisher(eventlog, self.broker)
-        self.realtime = realtime = Realtime(hub, eventlog, self.publisher, self.auth, state)
+        self.realtime = realtime = Realtime(
+            hub, eventlog, self.broker, self.publisher, self.auth, state
+        )
         self.tasks = TaskService(eventlog, state)
         self.keepalive = Keepalive(state)
         self.retention = Retention(eventlog, state)
         self.router: LabelledRouter[Handler] = LabelledRouter()
-        self.stats = stats = RuntimeStats(state, hub, eventlog, self.tasks)
+        self.stats = stats = RuntimeStats(
+            state, hub, eventlog, self.tasks, self.broker, self.leadership
+        )
         self.rates = RateSampler.of(stats)
         self.metrics = Metrics(stats, self.router.template, lambda: state.config.log)
         self.batcher.on_commit = self.metrics.on_commit
@@ -132,6 +146,10 @@ class Services:
                 self.router.add(route.method, route.template, route.handler, streams=route.streams)
         self.dispatch = Dispatcher(self.router)
         self._loop = loop
+
+    def leading(self) -> bool:
+        """Whether this node runs the cluster-wide duties (always, without a cluster)."""
+        return self.leadership.leading
 
     def connection(self) -> HttpConnection:
         """A protocol for one accepted TCP connection."""
@@ -195,6 +213,7 @@ class Server:
         services = Services(self.config, loop)
         self.services = services
         await services.eventlog.open()
+        await services.broker.start()
         cfg = self.config.server
         if sock is not None:
             self._server = await loop.create_server(
@@ -213,11 +232,13 @@ class Server:
         # Everything built so far lives as long as the process: keep it out of the cyclic
         # collector's full passes, which otherwise rescan it while connections pour in.
         gc.freeze()
+        leads = services.leading
         for job in (
             services.keepalive.run_sessions(),
             services.keepalive.run_streams(),
-            services.retention.run_forever(),
-            services.tasks.sweep_forever(),
+            services.leadership.run_forever(),
+            services.retention.run_forever(leads),
+            services.tasks.sweep_forever(leads),
             services.tasks.count_forever(),
             services.rates.run_forever(),
         ):
@@ -315,6 +336,9 @@ class Server:
         for task in self._tasks:
             task.cancel()
         await services.eventlog.close()
+        # After the last commits went out: the bus carries them to the other nodes.
+        await services.broker.stop()
+        await services.leadership.resign()
         for task in self._background:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._background, return_exceptions=True)

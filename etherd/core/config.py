@@ -16,6 +16,7 @@ import msgspec
 
 __all__ = [
     "AuthConfig",
+    "ClusterConfig",
     "Config",
     "ConfigError",
     "HttpConfig",
@@ -58,6 +59,9 @@ class ServerConfig(_Section):
     # balancers that poll it stop sending new connections first.
     shutdown_delay_s: NonNegFloat = 0.0
     max_connections: Pos = 50_000
+    # Worker processes serving the one port (``--workers``); more than 1 needs PostgreSQL
+    # and a bus (a local nats-server is started when cluster.nats_url is empty).
+    workers: Pos = 1
     # Connections the kernel queues for accept() (listen(2) backlog).
     listen_backlog: Pos = 4096
     # WebSocket sessions are closed in this many batches over drain_window_s.
@@ -177,6 +181,37 @@ class TasksConfig(_Section):
     cache_size: Pos = 10_000
 
 
+class ClusterConfig(_Section):
+    # NATS servers, comma-separated ("nats://10.0.0.5:4222,nats://10.0.0.6:4222"). Empty: no
+    # bus, unless server.workers > 1 (then a local nats-server is started).
+    nats_url: str = ""
+    # This node's name among the nodes; empty: host name and process id.
+    node_id: str = ""
+    # First token(s) of every subject etherd uses, so several clusters can share one NATS.
+    subject_prefix: str = "etherd"
+    # How long an event may wait for the offsets before it before they are read from the log.
+    gap_wait_ms: NonNegFloat = 50.0
+    # Events one topic may hold waiting for a gap; past it the gap is read at once.
+    max_held_events: Pos = 10_000
+    # Seconds after a node starts following a topic when it checks the log once for events
+    # the bus did not bring (interest takes a moment to reach every server of a NATS cluster).
+    follow_audit_s: NonNegFloat = 1.0
+    # Seconds between node heartbeats on the bus (peers and presence use them).
+    heartbeat_s: PosFloat = 1.0
+    # How long a presence query waits for the other nodes' counts.
+    presence_timeout_ms: PosFloat = 250.0
+    # Seconds between tries to take over the cluster-wide duties (lease sweep, retention).
+    leader_retry_s: PosFloat = 1.0
+    # While the bus is down: seconds between reads of the log for events of other nodes.
+    degraded_poll_s: PosFloat = 2.0
+    # Seconds to wait for a NATS server when connecting, and between reconnection tries.
+    connect_timeout_s: PosFloat = 2.0
+    reconnect_wait_s: PosFloat = 0.5
+    # Bytes of events buffered for the bus while it reconnects (then they are dropped: the
+    # other nodes read them from the log once the bus is back).
+    max_pending_bytes: Pos = 8 * 1024 * 1024
+
+
 class LogConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["text", "json"] = "text"
@@ -198,6 +233,7 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     store: StoreConfig = msgspec.field(default_factory=StoreConfig)
     realtime: RealtimeConfig = msgspec.field(default_factory=RealtimeConfig)
     tasks: TasksConfig = msgspec.field(default_factory=TasksConfig)
+    cluster: ClusterConfig = msgspec.field(default_factory=ClusterConfig)
     log: LogConfig = msgspec.field(default_factory=LogConfig)
     metrics: MetricsConfig = msgspec.field(default_factory=MetricsConfig)
 
@@ -222,6 +258,16 @@ class Config(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
         return f"http://{host}:{self.server.port}"
 
     @property
+    def nats_servers(self) -> list[str]:
+        """The NATS servers of ``cluster.nats_url``."""
+        return [u.strip() for u in self.cluster.nats_url.split(",") if u.strip()]
+
+    @property
+    def clustered(self) -> bool:
+        """Whether this node shares fan-out with others over a bus."""
+        return bool(self.nats_servers) or self.server.workers > 1
+
+    @property
     def dev_auth(self) -> bool:
         """Whether the development token ``test`` is accepted (contract section 2)."""
         if self.auth.dev is not None:
@@ -236,6 +282,8 @@ def is_loopback(host: str) -> bool:
     """True for addresses that only this machine can reach."""
     return host in LOOPBACK_HOSTS or host.startswith("127.")
 
+
+_SUBJECT_PREFIX = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 
 # A serialized origin as browsers send it in the Origin header.
 _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9]{1,5})?")
@@ -340,6 +388,27 @@ def _check(config: Config) -> None:
     url = config.store_url
     if not (url.startswith("sqlite:///") or url.startswith(("postgresql://", "postgres://"))):
         raise ConfigError(f"store.url must start with sqlite:/// or postgresql://, got {url!r}")
+    if config.clustered and url.startswith("sqlite:///"):
+        why = (
+            f"server.workers = {config.server.workers}"
+            if config.server.workers > 1
+            else "cluster.nats_url is set"
+        )
+        raise ConfigError(
+            f"{why}, but the store is SQLite, which one process owns: several workers or "
+            f'nodes need one PostgreSQL log (set store.url = "postgresql://...", or --store)'
+        )
+    if not _SUBJECT_PREFIX.fullmatch(config.cluster.subject_prefix):
+        raise ConfigError(
+            f"cluster.subject_prefix {config.cluster.subject_prefix!r} must be NATS tokens of "
+            f'[A-Za-z0-9_-] separated by dots, e.g. "etherd" or "prod.etherd"'
+        )
+    for server in config.nats_servers:
+        if not server.startswith(("nats://", "tls://")):
+            raise ConfigError(
+                f"cluster.nats_url: {server!r} must start with nats:// or tls:// "
+                f"(e.g. nats://127.0.0.1:4222)"
+            )
 
 
 def masked(config: Config) -> dict[str, Any]:

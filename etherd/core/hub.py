@@ -206,6 +206,9 @@ class Hub:
         self._open_topic = ""
         # topic -> sinks resuming it (so publish finds them without looking at every sink).
         self._resuming: dict[str, set[Sink]] = {}
+        # Told when a topic or pattern gets its first subscriber (True) or loses its last
+        # (False): a broker between nodes follows exactly what local subscribers need.
+        self.on_interest: Callable[[str, bool], None] | None = None
         # Counters for metrics; plain ints so the hot path stays cheap.
         self.published = 0
         self.frames_queued = 0
@@ -216,16 +219,26 @@ class Hub:
 
     def subscribe(self, pattern: str, sink: Sink) -> bool:
         """Add a subscription; True when it is new. The pattern must be validated."""
-        return self._trie.insert(pattern, sink)
+        trie = self._trie
+        before = trie.pattern_count
+        added = trie.insert(pattern, sink)
+        if trie.pattern_count > before and self.on_interest is not None:
+            self.on_interest(pattern, True)
+        return added
 
     def unsubscribe(self, pattern: str, sink: Sink) -> bool:
         """Remove a subscription; True when it existed."""
-        return self._trie.remove(pattern, sink)
+        trie = self._trie
+        before = trie.pattern_count
+        removed = trie.remove(pattern, sink)
+        if trie.pattern_count < before and self.on_interest is not None:
+            self.on_interest(pattern, False)
+        return removed
 
     def unsubscribe_all(self, patterns: Iterable[str], sink: Sink) -> None:
         """Remove every subscription and resume a sink holds (on disconnect)."""
         for pattern in patterns:
-            self._trie.remove(pattern, sink)
+            self.unsubscribe(pattern, sink)
         resuming = sink.resuming
         if resuming:
             for topic in list(resuming):
@@ -240,6 +253,10 @@ class Hub:
     def topic_count(self) -> int:
         """Distinct topics and patterns with at least one subscriber."""
         return self._trie.pattern_count
+
+    def has_interest(self, topic: str) -> bool:
+        """Whether any subscription matches ``topic``."""
+        return self._trie.has_interest(topic)
 
     def subscriber_count(self, topic: str) -> int:
         """How many sinks an event published to ``topic`` would reach (presence)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 from etherd.core.auth import Authenticator, Principal, may_subscribe
 from etherd.core.config import Config
 from etherd.core.hub import Hub
+from etherd.services.broker import Broker
 from etherd.services.eventlog import EventLog, Resumed
 from etherd.services.publisher import Publisher
 from etherd.services.state import Connections, ServerState
@@ -26,12 +27,14 @@ class Realtime:
         self,
         hub: Hub,
         eventlog: EventLog,
+        broker: Broker,
         publisher: Publisher,
         auth: Authenticator,
         state: ServerState,
     ) -> None:
         self.hub = hub
         self.eventlog = eventlog
+        self.broker = broker
         self.publisher = publisher
         self.auth = auth
         self.state = state
@@ -56,9 +59,14 @@ class Realtime:
         facts = await self.eventlog.task_facts(topic)
         return may_subscribe(principal, topic, facts)
 
-    async def head(self, topic: str) -> int:
-        """The topic's newest offset (0 when never written or unknown now)."""
-        return await self.eventlog.head(topic)
+    async def follow(self, topic: str) -> int:
+        """Make sure the topic's events reach this process (over the bus, in a cluster);
+        the offset after which all of them will: where a new subscriber stands."""
+        return await self.broker.follow(topic)
+
+    async def follow_pattern(self, pattern: str) -> None:
+        """Make sure the events of every topic ``pattern`` matches reach this process."""
+        await self.broker.follow_pattern(pattern)
 
     async def resume(self, topic: str, after: int, epoch: str | None) -> Resumed:
         """What a client that has ``after`` of ``topic`` missed, within the replay cap."""
@@ -66,6 +74,10 @@ class Realtime:
             topic, after, epoch, self.state.config.realtime.replay_max_events
         )
 
-    async def presence(self, topic: str) -> int:
-        """How many subscribers an event published to ``topic`` would reach."""
-        return self.hub.subscriber_count(topic)
+    def subjects(self, topic: str) -> list[str]:
+        """The bus subjects that carry ``topic``'s events to this node (none without a bus)."""
+        return self.broker.subjects(topic)
+
+    async def presence(self, topic: str) -> dict[str, int]:
+        """Subscribers an event published to ``topic`` would reach, per node."""
+        return await self.broker.presence(topic)

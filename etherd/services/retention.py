@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from etherd.core.errors import Refusal
 from etherd.services.eventlog import EventLog
@@ -36,10 +37,12 @@ class Retention:
             log.info("retention removed %d events", deleted)
         return deleted
 
-    async def run_forever(self) -> None:
-        """Trim the log forever."""
+    async def run_forever(self, leads: Callable[[], bool] = lambda: True) -> None:
+        """Trim the log forever, while ``leads()`` (one node of a cluster trims)."""
         while True:
             await asyncio.sleep(self.state.config.store.retention_interval_s)
+            if not leads():
+                continue
             try:
                 await self.run_once()
             except Exception as exc:

@@ -16,7 +16,10 @@ from collections.abc import Callable, Mapping
 from typing import Final, NamedTuple
 
 from etherd.core.hub import Hub
+from etherd.services.broker import Broker, BusStatus
+from etherd.services.cluster import ClusterBroker, ClusterStats
 from etherd.services.eventlog import EventLog
+from etherd.services.leadership import Leadership
 from etherd.services.state import ServerState
 from etherd.services.taskservice import TaskService
 
@@ -30,13 +33,21 @@ class RuntimeStats:
     """Counters and gauges of the process, as properties read at use time."""
 
     def __init__(
-        self, state: ServerState, hub: Hub, eventlog: EventLog, tasks: TaskService
+        self,
+        state: ServerState,
+        hub: Hub,
+        eventlog: EventLog,
+        tasks: TaskService,
+        broker: Broker,
+        leadership: Leadership,
     ) -> None:
         self._state = state
         self._hub = hub
         self._eventlog = eventlog
         self._batcher = eventlog.batcher
         self._tasks = tasks
+        self._broker = broker
+        self._leadership = leadership
 
     # -- process ---------------------------------------------------------------------------
 
@@ -160,6 +171,24 @@ class RuntimeStats:
     def queue_rows(self) -> int:
         """Events waiting for a commit."""
         return self._batcher.queued_rows
+
+    # -- cluster ---------------------------------------------------------------------------
+
+    @property
+    def bus(self) -> BusStatus | None:
+        """This node on the bus; None without a cluster."""
+        return self._broker.status()
+
+    @property
+    def cluster(self) -> ClusterStats | None:
+        """The bus counters; None without a cluster."""
+        broker = self._broker
+        return broker.stats if isinstance(broker, ClusterBroker) else None
+
+    @property
+    def leading(self) -> bool:
+        """Whether this node runs the cluster-wide duties."""
+        return self._leadership.leading
 
     @property
     def task_counts(self) -> Mapping[str, int] | None:

@@ -252,11 +252,13 @@ class TaskService:
                 done += 1
         return done
 
-    async def sweep_forever(self) -> None:
-        """The lease sweep, every ``tasks.sweep_interval_s``."""
+    async def sweep_forever(self, leads: Callable[[], bool] = lambda: True) -> None:
+        """The lease sweep, every ``tasks.sweep_interval_s``, while ``leads()`` (in a
+        cluster only the node leading the cluster-wide duties sweeps)."""
         while True:
             await asyncio.sleep(self.state.config.tasks.sweep_interval_s)
-            await self.sweep_once()
+            if leads():
+                await self.sweep_once()
 
     async def count_forever(self) -> None:
         """Refresh ``counts`` (tasks by status) for the metrics; counting runs in the store."""

@@ -197,6 +197,18 @@ class Store(abc.ABC):
     async def ping(self) -> None:
         """Return when the database answers; raise ``StoreUnavailable`` otherwise."""
 
+    async def lead(self, duty: int) -> bool:
+        """Whether this process holds the cluster-wide lock for ``duty`` (taking it if free).
+
+        Called again and again by the one that wants it; the holder keeps it as long as it
+        lives (and its connection does), and it passes to another process within one retry
+        when the holder dies. A store only one process uses answers True.
+        """
+        return True
+
+    async def resign(self) -> None:  # noqa: B027 - nothing to give up by default
+        """Give up every lock ``lead`` took (at shutdown)."""
+
     @abc.abstractmethod
     async def reset(self) -> str:
         """Delete every event, head, idempotency answer and task; start a new epoch and

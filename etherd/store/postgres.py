@@ -224,6 +224,10 @@ async def _keep_session(con: asyncpg.Connection[asyncpg.Record]) -> None:
     """
 
 
+# Errors that end a leader session (it is simply dropped and made again).
+_LEADER_LOST: tuple[type[BaseException], ...] = (*_UNAVAILABLE, asyncpg.InterfaceError)
+
+
 def _deleted(status: str) -> int:
     """The row count of a ``DELETE n`` (or ``UPDATE n``) command status."""
     return int(status.rsplit(" ", 1)[-1])
@@ -235,6 +239,9 @@ class PostgresStore(Store):
         self.dsn = dsn
         self.where = location(dsn)
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
+        # The session holding the advisory locks of ``lead``: a lock lives as long as it.
+        self._leader: asyncpg.Connection[asyncpg.Record] | None = None
+        self._held: set[int] = set()
 
     # -- connections -----------------------------------------------------------------------
 
@@ -298,7 +305,39 @@ class PostgresStore(Store):
             )
             self.epoch = str(await con.fetchval("SELECT value FROM meta WHERE key = 'epoch'"))
 
+    async def lead(self, duty: int) -> bool:
+        try:
+            if self._leader is None or self._leader.is_closed():
+                self._held.clear()
+                self._leader = await asyncpg.connect(
+                    self.dsn, timeout=self.config.connect_timeout_s
+                )
+            if duty in self._held:
+                # Still ours while the session answers.
+                await self._leader.fetchval("SELECT 1", timeout=self.config.connect_timeout_s)
+                return True
+            got = await self._leader.fetchval(
+                "SELECT pg_try_advisory_lock($1)", duty, timeout=self.config.connect_timeout_s
+            )
+        except _LEADER_LOST as exc:
+            log.debug("leadership check failed: %s", exc)
+            await self.resign()
+            return False
+        if got:
+            self._held.add(duty)
+        return bool(got)
+
+    async def resign(self) -> None:
+        leader, self._leader = self._leader, None
+        self._held.clear()
+        if leader is not None and not leader.is_closed():
+            try:
+                await asyncio.wait_for(leader.close(), self.config.connect_timeout_s)
+            except _LEADER_LOST:
+                leader.terminate()
+
     async def close(self) -> None:
+        await self.resign()
         pool, self._pool = self._pool, None
         if pool is None:
             return

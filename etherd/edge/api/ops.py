@@ -103,7 +103,20 @@ class OpsRoutes:
         if not self.eventlog.is_up:
             raise Refusal("not_ready", "the event log is unavailable")
         await self.eventlog.ping()
-        return json_response(200, {"status": "ready", "epoch": self.eventlog.epoch})
+        body: dict[str, object] = {"status": "ready", "epoch": self.eventlog.epoch}
+        bus = self.stats.bus
+        if bus is not None:
+            # Degraded is still ready: the node serves its own subscribers and commits.
+            cluster: dict[str, object] = {
+                "bus": "connected" if bus.connected else "degraded",
+                "node": bus.node,
+                "peers": bus.peers,
+                "leader": self.stats.leading,
+            }
+            if not bus.connected:
+                cluster["reason"] = bus.reason
+            body["cluster"] = cluster
+        return json_response(200, body)
 
     async def metrics_text(self, request: Request) -> Response:
         """``GET /metrics``: needs an admin token when ``metrics.require_admin`` is true."""

@@ -11,9 +11,11 @@ from __future__ import annotations
 import base64
 import binascii
 
-from etherd.core.auth import DEV_TOKEN, Authenticator
+import msgspec
+
+from etherd.core.auth import DEV_TOKEN, Authenticator, Role
 from etherd.core.errors import Refusal
-from etherd.core.topics import TopicError, is_pattern, validate_pattern
+from etherd.core.topics import TopicError, is_pattern, validate_pattern, validate_topic
 from etherd.edge.api.common import Route, authenticate, json_response
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response, Stream, Upgrade
@@ -37,6 +39,9 @@ class RealtimeRoutes:
         table = [
             Route("GET", "/api/realtime", lambda req, p: self.upgrade(req), streams=True),
             Route("GET", "/api/realtime/config", lambda req, p: self.client_config(req)),
+            Route(
+                "GET", "/api/topics/{topic}/presence", lambda req, p: self.presence(req, p["topic"])
+            ),
             Route(
                 "GET",
                 "/api/events",
@@ -98,6 +103,31 @@ class RealtimeRoutes:
             body["dev_token"] = DEV_TOKEN
         return json_response(200, body)
 
+    async def presence(self, request: Request, topic: str) -> Response:
+        """Subscribers of a topic across the cluster, per node (service and admin tokens).
+
+        The topic is one path segment, its slashes percent-encoded (``tasks%2Ft1``).
+        """
+        principal = authenticate(self.auth, request)
+        if principal.role is not Role.SERVICE and principal.role is not Role.ADMIN:
+            raise Refusal("forbidden", "presence needs a service or admin token")
+        try:
+            validate_topic(topic)
+        except TopicError as exc:
+            raise Refusal(
+                "bad_request", f"{exc} (percent-encode the slashes: tasks%2Ft1)"
+            ) from None
+        nodes = await self.realtime.presence(topic)
+        return json_response(
+            200,
+            PresenceView(
+                topic=topic,
+                subscribers=sum(nodes.values()),
+                nodes=nodes,
+                subjects=self.realtime.subjects(topic),
+            ),
+        )
+
     async def events(self, request: Request, topic: str | None) -> Stream:
         """Server-Sent Events for one topic, resuming from ``Last-Event-ID`` or ``?since=``."""
         principal = authenticate(self.auth, request, query_token=True)
@@ -123,6 +153,17 @@ class RealtimeRoutes:
             since = int(since_text)
         stream = SseStream(self.realtime, principal, topic, since)
         return Stream(stream.start)
+
+
+class PresenceView(msgspec.Struct, kw_only=True):
+    """``GET /api/topics/{topic}/presence``."""
+
+    topic: str
+    # Subscribers an event published to the topic reaches, over every node that answered.
+    subscribers: int
+    nodes: dict[str, int]
+    # The bus subjects the topic's events travel on (empty without a cluster).
+    subjects: list[str]
 
 
 def check_handshake(request: Request) -> None:

@@ -20,6 +20,7 @@ from typing import Final
 from etherd.core.auth import Principal
 from etherd.core.frames import sse_chunk
 from etherd.core.hub import KIND_SSE, Pending, Resuming
+from etherd.core.topics import is_pattern
 from etherd.core.wire import ENCODER
 from etherd.edge.http.response import Headers, http_date
 from etherd.services.realtime import Realtime
@@ -83,8 +84,16 @@ class SseStream(asyncio.Protocol):
             hub.hold(self, topic, self.since)
         hub.subscribe(topic, self)
         hub.queue(self, sse_chunk(b": etherd stream " + topic.encode() + b"\n\n"))
-        if self.since is not None:
-            asyncio.get_running_loop().create_task(self._replay(self.since))
+        asyncio.get_running_loop().create_task(self._follow(self.since))
+
+    async def _follow(self, since: int | None) -> None:
+        """Follow the topic (over the bus, in a cluster); then replay when resuming."""
+        if is_pattern(self.topic):
+            await self.realtime.follow_pattern(self.topic)
+            return
+        await self.realtime.follow(self.topic)
+        if since is not None and self.alive:
+            await self._replay(since)
 
     async def _replay(self, since: int) -> None:
         hub = self.realtime.hub

@@ -44,6 +44,7 @@ from etherd import __version__
 from etherd.core.config import LogConfig
 from etherd.edge.http.request import Request
 from etherd.edge.http.router import OTHER_ROUTE
+from etherd.services.cluster import LAG_BUCKETS
 from etherd.services.stats import RuntimeStats
 
 __all__ = ["CONTENT_TYPE", "Histogram", "Metrics"]
@@ -108,6 +109,17 @@ class Histogram:
             out.append((_le(bound), total))
         out.append(("+Inf", total + self.counts[-1]))
         return out
+
+
+def _cumulative(bounds: Sequence[float], counts: Sequence[int]) -> list[tuple[str, float]]:
+    """Prometheus buckets from per-bucket counts (the last one +Inf)."""
+    out: list[tuple[str, float]] = []
+    total = 0
+    for bound, n in zip(bounds, counts, strict=False):
+        total += n
+        out.append((_le(bound), total))
+    out.append(("+Inf", total + counts[-1]))
+    return out
 
 
 def _le(bound: float) -> str:
@@ -299,6 +311,58 @@ class EtherdCollector(Collector):
             "etherd_store_commit_duration_seconds", "Time of one group commit", m.commit_seconds
         )
 
+        bus = st.bus
+        cluster = st.cluster
+        if bus is not None and cluster is not None:
+            yield _gauge(
+                "etherd_cluster_bus_connected", "1 while the bus is connected", bus.connected
+            )
+            yield _gauge("etherd_cluster_peers", "Other nodes heard from lately", bus.peers)
+            yield _gauge(
+                "etherd_cluster_leader",
+                "1 while this node runs the cluster-wide duties",
+                st.leading,
+            )
+            yield _counter(
+                "etherd_cluster_events_published", "Events sent on the bus", cluster.published
+            )
+            yield _counter(
+                "etherd_cluster_events_dropped",
+                "Events that could not be sent on the bus (the others read them from the log)",
+                cluster.dropped,
+            )
+            yield _counter(
+                "etherd_cluster_events_received",
+                "Events received from other nodes",
+                cluster.received,
+            )
+            yield _counter(
+                "etherd_cluster_bad_messages",
+                "Malformed or foreign messages on etherd's subjects, dropped",
+                cluster.bad_messages,
+            )
+            yield _counter(
+                "etherd_cluster_gap_fills",
+                "Reads of the log for offsets the bus did not bring in time",
+                cluster.gaps_filled,
+            )
+            yield _counter(
+                "etherd_cluster_gap_events",
+                "Events those reads brought",
+                cluster.gap_events,
+            )
+            yield _counter(
+                "etherd_cluster_catch_ups",
+                "Catch-ups of every followed topic from the log (bus back, slow consumer)",
+                cluster.catch_ups,
+            )
+            lag = HistogramMetricFamily(
+                "etherd_cluster_lag_seconds",
+                "How late events from other nodes arrive (their commit to here)",
+                buckets=_cumulative(LAG_BUCKETS, cluster.lag_counts),
+                sum_value=cluster.lag_sum,
+            )
+            yield lag
         counts = st.task_counts
         if counts is not None:
             tasks = GaugeMetricFamily("etherd_tasks", "Tasks by status", labels=["status"])

@@ -325,8 +325,8 @@ class Session(WebSocket):
         if reason is not None:
             self.reply(ErrorReply(command.id, "forbidden", reason))
             return
-        count = await self.realtime.presence(topic)
-        self.reply(PresenceReply(command.id, topic, count))
+        counts = await self.realtime.presence(topic)
+        self.reply(PresenceReply(command.id, topic, sum(counts.values())))
 
     def reply(self, message: msgspec.Struct) -> None:
         """Queue a reply behind any frames already pending for this session."""
@@ -393,18 +393,23 @@ class Session(WebSocket):
         for topic in fresh:
             hub.subscribe(topic, self)
         self._refresh_direct()
+        for topic in fresh:
+            if is_pattern(topic):
+                await realtime.follow_pattern(topic)
         # topic -> (offset the replay starts after, events to replay)
         replays: dict[str, tuple[int, list[StoredEvent]]] = {}
         epoch = realtime.epoch
         for topic in accepted:
             if topic in resumes:
+                # Followed first: every live event past what the replay reads reaches us.
+                await realtime.follow(topic)
                 resumed = await realtime.resume(topic, resumes[topic], command.epoch)
                 ack = TopicAck(topic, resumed.offset, epoch, resumed.recovered)
                 # Not recovered: the client reloads over HTTP and continues after the head.
                 start = resumes[topic] if resumed.recovered else resumed.offset
                 replays[topic] = (start, resumed.events)
             else:
-                head = 0 if is_pattern(topic) else await realtime.head(topic)
+                head = 0 if is_pattern(topic) else await realtime.follow(topic)
                 ack = TopicAck(topic, head, epoch, True)
             acks.append(ack)
         if self.is_closed():

@@ -85,6 +85,12 @@ class FakeRealtime:
         events = self.log.get(topic, [])
         return events[-1].offset if events else 0
 
+    async def follow(self, topic: str) -> int:
+        return await self.head(topic)
+
+    async def follow_pattern(self, pattern: str) -> None:
+        return None
+
     async def resume(self, topic: str, after: int, epoch: str | None) -> Resumed:
         events = [e for e in self.log.get(topic, []) if e.offset > after]
         return Resumed(await self.head(topic), True, events)
