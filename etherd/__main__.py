@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -35,6 +36,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--data-dir")
     serve.add_argument("--store", help="store URL: sqlite:///FILE or postgresql://...")
+    serve.add_argument(
+        "--workers", type=int, help="worker processes on the one port (needs PostgreSQL)"
+    )
 
     token = sub.add_parser("token", help="print a signed token for the configured key")
     with_config(token)
@@ -73,6 +77,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     setup_logging(config.log)
     if args.command == "serve":
+        from etherd.supervisor import SUPERVISED_ENV
+
+        if config.server.workers > 1 and not os.environ.get(SUPERVISED_ENV):
+            from etherd.supervisor import supervise
+
+            return supervise(config, _without_workers(argv if argv is not None else sys.argv[1:]))
         from etherd.server import run
 
         # SIGHUP reloads from the same file, environment and flags; a LISTEN_FDS socket
@@ -85,12 +95,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
+def _without_workers(argv: Sequence[str]) -> list[str]:
+    """``serve``'s arguments for a worker: the supervisor's, less the command and --workers."""
+    out: list[str] = []
+    skip = False
+    for arg in list(argv)[1:]:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
 def _config(args: argparse.Namespace) -> Config:
     overrides: dict[str, dict[str, Any]] = {
         "server": {
             "host": getattr(args, "host", None),
             "port": getattr(args, "port", None),
             "data_dir": getattr(args, "data_dir", None),
+            "workers": getattr(args, "workers", None),
         },
         "store": {"url": getattr(args, "store", None)},
     }

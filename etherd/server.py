@@ -66,8 +66,9 @@ from etherd.services.retention import Retention
 from etherd.services.state import ServerState
 from etherd.services.stats import RateSampler, RuntimeStats
 from etherd.services.taskservice import TaskService
-from etherd.store import Batcher
+from etherd.store import Batcher, StoreUnavailable
 from etherd.store.factory import open_store
+from etherd.supervisor import INHERITED_FD_ENV, SUPERVISED_ENV
 
 __all__ = ["RESTART_ONLY", "Server", "adopt_socket", "config_changes", "run", "serve"]
 
@@ -207,8 +208,11 @@ class Server:
         self.port = config.server.port
         self.stopping = False
 
-    async def start(self, sock: socket.socket | None = None) -> None:
-        """Open the store and start listening (on ``sock`` when given)."""
+    async def start(self, sock: socket.socket | None = None, reuse_port: bool = False) -> None:
+        """Open the store and start listening (on ``sock`` when given).
+
+        ``reuse_port``: bind with ``SO_REUSEPORT``, beside the other workers of a supervisor.
+        """
         loop = asyncio.get_running_loop()
         services = Services(self.config, loop)
         self.services = services
@@ -226,6 +230,7 @@ class Server:
                 cfg.port,
                 backlog=cfg.listen_backlog,
                 reuse_address=True,
+                reuse_port=reuse_port or None,
             )
         bound = self._server.sockets[0].getsockname()
         self.port = int(bound[1])
@@ -512,6 +517,12 @@ async def serve(
     used when there is one; otherwise etherd binds ``server.host:server.port``.
     """
     loaded = config
+    # A worker of ``serve --workers``: beside its siblings on the port, or on the socket
+    # the supervisor inherited from systemd.
+    worker = bool(os.environ.get(SUPERVISED_ENV))
+    inherited_fd = os.environ.pop(INHERITED_FD_ENV, "")
+    if sock is None and inherited_fd.isdigit():
+        sock = socket.socket(fileno=int(inherited_fd))
     if sock is None:
         try:
             inherited = listen_fds()
@@ -533,7 +544,10 @@ async def serve(
             return 2
     server = Server(config, reload=reload, loaded=loaded)
     try:
-        await server.start(sock)
+        await server.start(sock, reuse_port=worker and sock is None)
+    except StoreUnavailable as exc:
+        log.error("cannot open the event log: %s", exc)
+        return 1
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc)
         return 1

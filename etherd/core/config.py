@@ -290,7 +290,7 @@ _ORIGIN = re.compile(r"[a-z][a-z0-9+.\-]*://([a-z0-9.\-]+|\[[0-9a-f:.]+\])(:[0-9
 
 ENV_PREFIX = "ETHERD_"
 # Variables with this prefix that are not configuration keys.
-ENV_NOT_KEYS = frozenset({"ETHERD_CONFIG"})
+ENV_NOT_KEYS = frozenset({"ETHERD_CONFIG", "ETHERD_SUPERVISED", "ETHERD_INHERITED_FD"})
 
 
 def build(

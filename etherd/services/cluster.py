@@ -198,7 +198,7 @@ class ClusterBroker:
         self._waiting: dict[str, list[Prepared]] = {}
         self._nc: Nats | None = None
         self._connected = False
-        self._reason = "not connected yet"
+        self._reason = "connecting to the bus"
         self._peers: dict[str, float] = {}
         self._outbox: list[tuple[str, bytes]] = []
         self._sending = False
@@ -258,7 +258,9 @@ class ClusterBroker:
                     name=self.node,
                     no_echo=True,
                     allow_reconnect=True,
-                    max_reconnect_attempts=-1,
+                    # One pass over the servers, so an unreachable bus at start is retried
+                    # (and said) here; once connected, reconnection never gives up (below).
+                    max_reconnect_attempts=1,
                     reconnect_time_wait=cfg.reconnect_wait_s,
                     connect_timeout=cfg.connect_timeout_s,
                     ping_interval=PING_INTERVAL_S,
@@ -278,6 +280,7 @@ class ClusterBroker:
                 await asyncio.sleep(delay + random.uniform(0, delay))
                 continue
             break
+        nc.options["max_reconnect_attempts"] = -1
         self._nc = nc
         await nc.subscribe(f"{self._prefix}.nodes", cb=self._on_heartbeat)
         await nc.subscribe(f"{self._prefix}.presence", cb=self._on_presence_query)
@@ -391,10 +394,11 @@ class ClusterBroker:
         sub = await nc.subscribe(inbox, cb=collect)
         try:
             await nc.publish(f"{self._prefix}.presence", topic.encode(), reply=inbox)
-            if expected:
-                timeout = self.state.config.cluster.presence_timeout_ms / 1000
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(done), timeout)
+            # Every peer heard from lately answers in time; with none heard from yet (the
+            # node just joined), wait the whole timeout rather than answer for itself alone.
+            timeout = self.state.config.cluster.presence_timeout_ms / 1000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(done), timeout)
         finally:
             await sub.unsubscribe()
         return counts

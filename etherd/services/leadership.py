@@ -19,8 +19,9 @@ __all__ = ["DUTIES_LOCK", "Leadership"]
 
 log = logging.getLogger("etherd.cluster")
 
-# The advisory lock key of the cluster-wide duties ("etherd" in ASCII, as an int64).
-DUTIES_LOCK: Final = 0x657468657264
+# The advisory lock key of the cluster-wide duties ("duties" in ASCII, as an int64; the
+# schema migrations lock "etherd", store/migrate.py).
+DUTIES_LOCK: Final = 0x647574696573
 
 
 class Leadership:
