@@ -37,7 +37,7 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Final
 
@@ -58,6 +58,7 @@ RESTART_DELAY_MAX_S: Final = 10.0
 HEALTHY_AFTER_S: Final = 30.0
 CRASH_LIMIT: Final = 5
 CRASH_WINDOW_S: Final = 60.0
+_PR_SET_PDEATHSIG: Final = 1
 NATS_START_TIMEOUT_S: Final = 10.0
 
 
@@ -185,6 +186,7 @@ class Supervisor:
             env=self._worker_env(),
             pass_fds=fds,
             stdin=asyncio.subprocess.DEVNULL,
+            preexec_fn=_DIE_WITH_PARENT,
         )
         worker.started = time.monotonic()
         log.info("%s started (pid %d)", worker.name, worker.proc.pid)
@@ -260,6 +262,7 @@ class Supervisor:
             "-p",
             str(self._nats_port),
             "--no_advertise",
+            preexec_fn=_DIE_WITH_PARENT,
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.DEVNULL,
             stderr=asyncio.subprocess.DEVNULL,
@@ -392,3 +395,25 @@ class Supervisor:
 def supervise(config: Config, serve_argv: Sequence[str]) -> int:
     """Run the supervisor (the process entry point for ``serve --workers N``)."""
     return asyncio.run(Supervisor(config, serve_argv).run())
+
+
+def _death_signal_setter() -> Callable[[], None] | None:
+    """A pre-exec hook that makes a child get SIGTERM when the supervisor dies, even by
+    SIGKILL, so a killed supervisor leaves no worker holding the port and no orphaned
+    nats-server. libc is loaded here, in the parent: a child between fork and exec must
+    not import. None where ``prctl`` does not exist (not Linux).
+    """
+    try:
+        import ctypes
+
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def set_death_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
+
+    return set_death_signal
+
+
+_DIE_WITH_PARENT: Final = _death_signal_setter()

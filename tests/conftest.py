@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import http.client
 import json
 import os
@@ -20,6 +21,16 @@ import pytest
 import tomli_w
 
 SECRET = "etherd-test-secret-that-is-long-enough-for-hs256"
+
+
+def _death_signal() -> None:
+    """Pre-exec hook: the child gets SIGTERM when pytest dies, even by SIGKILL or a
+    timeout, so an interrupted run leaves no server behind."""
+    _PRCTL(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+
+
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl
+DIE_WITH_PYTEST = _death_signal
 
 
 def free_port() -> int:
@@ -81,6 +92,7 @@ class Etherd:
                 stderr=log,
                 env=self.env,
                 cwd=self.workdir,
+                preexec_fn=DIE_WITH_PYTEST,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

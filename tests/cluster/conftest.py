@@ -22,7 +22,7 @@ import pytest
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from tests.conftest import Etherd, free_port
+from tests.conftest import DIE_WITH_PYTEST, Etherd, free_port
 from tests.integration.conftest import pg_server, pg_url  # noqa: F401 - fixtures
 
 NATS_BIN = Path(sys.executable).parent / "nats-server"
@@ -48,6 +48,7 @@ class Nats:
             [str(NATS_BIN), "-a", "127.0.0.1", "-p", str(self.port)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=DIE_WITH_PYTEST,
         )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.conftest import Subscriber, publish, wait_for
-from tests.conftest import Etherd
+from tests.conftest import DIE_WITH_PYTEST, Etherd
 
 
 def uid() -> str:
@@ -45,6 +45,7 @@ class Supervised(Etherd):
                 stderr=log,
                 env=self.env,
                 cwd=self.workdir,
+                preexec_fn=DIE_WITH_PYTEST,
             )
         wait_for(
             lambda: self.log().count("every worker is ready") >= 1,
@@ -113,6 +114,50 @@ def test_sighup_reloads_every_worker(three_workers: Supervised) -> None:
     server = three_workers
     server.signal(signal.SIGHUP)
     wait_for(lambda: server.log().count("reload:") >= 3, "three workers to reload")
+
+
+def _children(pid: int) -> list[int]:
+    text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    return [int(child) for child in text.split()]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state in ("Z", "X")
+
+
+def test_a_killed_supervisor_takes_its_workers_and_nats_server_with_it(
+    tmp_path: Path, pg_url: str
+) -> None:
+    server = Supervised(tmp_path, pg_url, 2).start()
+    try:
+        assert server.proc is not None
+        children = _children(server.proc.pid)
+        assert len(children) == 3  # two workers and the local nats-server
+        server.proc.kill()
+        server.proc.wait()
+        wait_for(lambda: all(_gone(pid) for pid in children), "every child to exit", 20)
+    finally:
+        server.kill()
+        for pid in _children_left(tmp_path):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _children_left(workdir: Path) -> list[int]:
+    """Processes still running with this test's configuration (none, when it passes)."""
+    left = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if str(workdir).encode() in cmdline and not _gone(int(entry.name)):
+                left.append(int(entry.name))
+    return left
 
 
 def test_workers_that_keep_crashing_stop_the_supervisor(tmp_path: Path) -> None:
