@@ -126,7 +126,10 @@ class OpsRoutes:
                 raise Refusal(
                     "forbidden", "metrics need an admin token (metrics.require_admin = true)"
                 )
-        return Response(200, self.metrics.render(), content_type=CONTENT_TYPE)
+        # prometheus_client is imported on the first scrape, not at start.
+        from etherd.edge.ops.exposition import render
+
+        return Response(200, render(self.metrics), content_type=CONTENT_TYPE)
 
     async def admin_stats(self, request: Request) -> Response:
         """``GET /api/admin/stats``: what an operator watches, for admin tokens only."""

@@ -114,8 +114,15 @@ class HttpConnection(asyncio.Protocol):
         self._last_turn: Turn | None = None
         self._reading_paused = False
         self._closing = False
+        # One timer per connection, moved lazily: ``_deadline`` is when ``_on_deadline``
+        # is due; the handle may be set earlier and then re-aims itself when it fires.
         self._timer: asyncio.TimerHandle | None = None
+        self._deadline: float | None = None
+        self._on_deadline: Callable[[], None] | None = None
         self._upgrade_tail: bytearray | None = None
+        # Answers rendered and not yet written: pipelined answers leave in one write.
+        self._out: list[bytes] = []
+        self._flush_scheduled = False
 
     def __hash__(self) -> int:
         return id(self)
@@ -135,6 +142,10 @@ class HttpConnection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
         self._disarm()
+        self._out.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self.state.connections.http.discard(self)
 
     def data_received(self, data: bytes) -> None:
@@ -231,6 +242,8 @@ class HttpConnection(asyncio.Protocol):
                     f"body of {length} bytes exceeds {self._max_body} (http.max_body_bytes)",
                 )
         if inc.headers.get("expect", "").lower() == "100-continue" and self.transport:
+            # After the answers before it: those may still be waiting in ``_out``.
+            self._flush_out()
             self.transport.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, body: bytes) -> None:
@@ -350,7 +363,26 @@ class HttpConnection(asyncio.Protocol):
                 self._drop_pending()
                 return True
             self._barrier = False
+        if answered and self._out:
+            if running and not self._flush_scheduled:
+                # More answers are coming, likely from the same commit: write them together,
+                # one loop iteration from now, instead of one send per answer.
+                self._flush_scheduled = True
+                self._loop.call_soon(self._flush_out)
+            elif not running:
+                self._flush_out()
         return answered
+
+    def _flush_out(self) -> None:
+        """Write the answers rendered so far, in one write."""
+        self._flush_scheduled = False
+        out = self._out
+        if not out:
+            return
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def _drop_pending(self) -> None:
         """The connection stopped serving requests: nothing after this is answered."""
@@ -363,6 +395,7 @@ class HttpConnection(asyncio.Protocol):
         if transport is None or transport.is_closing():
             return False
         if isinstance(result, Upgrade):
+            self._flush_out()
             tail = bytes(self._upgrade_tail or b"")
             self._upgrade_tail = None
             self._closing = True
@@ -372,6 +405,7 @@ class HttpConnection(asyncio.Protocol):
             return False
         cors = self._cors.headers_for(request) if self._cors is not None else ()
         if isinstance(result, Stream):
+            self._flush_out()
             self._closing = True
             self._disarm()
             self.state.connections.http.discard(self)
@@ -388,9 +422,10 @@ class HttpConnection(asyncio.Protocol):
             and not self.state.draining
             and self._upgrade_tail is None
         )
-        transport.write(render(result, keep_alive, head_only=request.method == "HEAD"))
+        self._out.append(render(result, keep_alive, head_only=request.method == "HEAD"))
         self._on_response(request, result.status)
         if not keep_alive:
+            self._flush_out()
             self._closing = True
             transport.close()
             return False
@@ -403,6 +438,7 @@ class HttpConnection(asyncio.Protocol):
         self._closing = True
         self._disarm()
         self._incoming = None
+        self._flush_out()
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(render(error_response(exc), keep_alive=False))
@@ -410,17 +446,41 @@ class HttpConnection(asyncio.Protocol):
         self._on_response(None, STATUS[exc.code])
 
     def _arm(self, delay: float, callback: Callable[[], None]) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-        self._timer = self._loop.call_later(delay, callback)
+        """Call ``callback`` in ``delay`` s unless re-armed or disarmed before.
+
+        Re-arming is the common case (every request arms the request timeout, every
+        answer the keep-alive one), so it only moves ``_deadline``; the loop's timer is
+        replaced only when it would fire too late.
+        """
+        deadline = self._loop.time() + delay
+        self._deadline = deadline
+        self._on_deadline = callback
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= deadline:
+                return
+            timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._expire)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline = None
+        self._on_deadline = None
+
+    def _expire(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._expire)
+            return
+        callback = self._on_deadline
+        self._deadline = None
+        self._on_deadline = None
+        if callback is not None:
+            callback()
 
     def _request_timeout(self) -> None:
-        self._timer = None
         if self._incoming is not None:
             self._fail(
                 Refusal(
@@ -431,7 +491,6 @@ class HttpConnection(asyncio.Protocol):
             )
 
     def _idle_timeout(self) -> None:
-        self._timer = None
         if not self.busy and self._incoming is None and self.transport:
             self._closing = True
             self.transport.close()

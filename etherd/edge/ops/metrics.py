@@ -183,11 +183,3 @@ class Metrics:
             lag = max(0.0, loop.time() - started - interval)
             self.loop_lag_last = lag
             self.loop_lag.observe(lag)
-
-    # -- exposition ------------------------------------------------------------------------
-
-    def render(self) -> bytes:
-        """The text exposition of every metric (imports prometheus_client on first use)."""
-        from etherd.edge.ops.exposition import render
-
-        return render(self)

@@ -13,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from etherd.core.config import Config
 from etherd.edge.http.request import Request
 from etherd.edge.http.router import LabelledRouter
+from etherd.edge.ops.exposition import render
 from etherd.edge.ops.metrics import Histogram
 from etherd.server import Services
 
@@ -64,7 +65,7 @@ def test_exposition_parses_and_counts_by_template(
             metrics.response(_request("GET", "/elsewhere"), 404)
             metrics.response(None, 400)
         metrics.on_commit(0.002, 7)
-        return metrics.render()
+        return render(metrics)
 
     text = asyncio.run(go()).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
