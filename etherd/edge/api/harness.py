@@ -15,7 +15,14 @@ from collections.abc import Callable
 from etherd.core.auth import Authenticator, Principal, Role, check_harness_app
 from etherd.core.errors import Refusal
 from etherd.core.tasks import Action, Claim, Heartbeat, Interrupt, Result, Step, Task
-from etherd.core.wire import ENCODER, ClaimBody, InterruptBody, ResultBody, RunBody, StepBody
+from etherd.core.wire import (
+    ENCODER,
+    ClaimBody,
+    HeartbeatBody,
+    InterruptBody,
+    ResultBody,
+    StepBody,
+)
 from etherd.edge.api.common import (
     Route,
     answer_of,
@@ -147,14 +154,16 @@ class HarnessRoutes:
     async def heartbeat(self, request: Request, task_id: str) -> Response:
         """``POST .../heartbeat``: extend the lease; tells the status and any answer."""
         principal, _ = self._caller(request)
-        body = decode_json(request, RunBody)
+        body = decode_json(request, HeartbeatBody)
         at = now_ms()
         lease_ms = self._lease_ms()
         return await self._change(
             request,
             principal,
             task_id,
-            lambda: Heartbeat(run_id=body.run_id, now_ms=at, lease_ms=lease_ms),
+            lambda: Heartbeat(
+                run_id=body.run_id, now_ms=at, lease_ms=lease_ms, answer_seen=body.answer_seen
+            ),
             _view(heartbeat_view),
         )
 

@@ -43,8 +43,13 @@ def _at(ms: int | None) -> str | None:
 
 
 class TaskView(msgspec.Struct, kw_only=True):
-    """``GET /api/tasks/{id}``: everything a page needs on load."""
+    """``GET /api/tasks/{id}``: everything a page needs on load.
 
+    ``task_id`` names the task as every other body does; ``id`` carries the same value for
+    clients written before ``task_id`` was added.
+    """
+
+    task_id: str
     id: str
     owner: str
     title: str
@@ -72,6 +77,7 @@ class TaskView(msgspec.Struct, kw_only=True):
 def task_view(task: Task) -> TaskView:
     """The page's view of a task."""
     return TaskView(
+        task_id=task.id,
         id=task.id,
         owner=task.owner,
         title=task.title,
