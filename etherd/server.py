@@ -42,8 +42,9 @@ from etherd.core.auth import Authenticator, Role
 from etherd.core.config import Config, ConfigError, check_listener, masked
 from etherd.core.errors import GOING_AWAY
 from etherd.core.hub import Hub
-from etherd.edge.api.common import Dispatcher, Handler
+from etherd.edge.api.common import Dispatcher, Handler, Route
 from etherd.edge.api.harness import HarnessRoutes
+from etherd.edge.api.openapi import OpenApiRoutes
 from etherd.edge.api.ops import OpsRoutes
 from etherd.edge.api.publish import PublishRoutes
 from etherd.edge.api.realtime import RealtimeRoutes
@@ -126,6 +127,8 @@ class Services:
         )
         self.batcher.on_commit = self.metrics.on_commit
         realtime_routes = RealtimeRoutes(self.auth, realtime)
+        # Every route, in order, for the OpenAPI document (which describes itself too).
+        self.routes: list[Route] = []
         for routes in (
             ViewerRoutes(),
             OpsRoutes(self.auth, eventlog, self.metrics, state),
@@ -133,9 +136,11 @@ class Services:
             PublishRoutes(self.auth, self.publisher, state),
             TaskRoutes(self.auth, self.tasks, eventlog, realtime_routes, state),
             HarnessRoutes(self.auth, self.tasks, state),
+            OpenApiRoutes(lambda: self.routes),
         ):
             for route in routes.routes():
                 self.router.add(route.method, route.template, route.handler)
+                self.routes.append(route)
         self.dispatch = Dispatcher(self.router)
         self._loop = loop
 

@@ -112,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-config", help="validate and print the effective configuration")
     with_config(check)
+
+    sub.add_parser("openapi", help="print the OpenAPI document of the HTTP API (make openapi)")
     return parser
 
 
@@ -121,6 +123,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command
     if command in ("tail", "publish", "tasks", "demo-harness"):
         return _client_command(args)
+    if command == "openapi":
+        return _openapi()
     try:
         config = _config(args)
     except ConfigError as exc:
@@ -201,6 +205,22 @@ def _token(config: Config, args: argparse.Namespace) -> int:
         print(auth.issue(args.sub, role, args.ttl, topics))
     except (ConfigError, ValueError) as exc:
         return fail("etherd token", str(exc), EXIT_USAGE)
+    return EXIT_OK
+
+
+def _openapi() -> int:
+    """Print the document ``GET /api/openapi.json`` serves, without serving."""
+    from etherd.edge.api.openapi import render
+    from etherd.server import Services
+
+    # Development mode off: building the services must not make a development key.
+    config = msgspec.convert({"auth": {"dev": False}}, Config)
+    loop = asyncio.new_event_loop()
+    try:
+        services = Services(config, loop)
+        sys.stdout.buffer.write(render(services.routes))
+    finally:
+        loop.close()
     return EXIT_OK
 
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from etherd.core.auth import Authenticator
 from etherd.core.errors import Refusal
-from etherd.edge.api.common import Route, authenticate, json_response
+from etherd.edge.api.common import Body, Route, authenticate, json_response
+from etherd.edge.api.shapes import Health, Ready
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response
 from etherd.edge.ops.metrics import CONTENT_TYPE, Metrics
@@ -28,15 +29,39 @@ class OpsRoutes:
 
     def routes(self) -> list[Route]:
         """The route table entries."""
+        ops = "operations"
         return [
-            Route("GET", "/healthz", lambda req, p: self.healthz(req)),
-            Route("GET", "/readyz", lambda req, p: self.readyz(req)),
-            Route("GET", "/metrics", lambda req, p: self.metrics_text(req)),
+            Route(
+                "GET",
+                "/healthz",
+                lambda req, p: self.healthz(req),
+                summary="Alive: the event loop turns",
+                responses={200: Health},
+                auth=False,
+                tag=ops,
+            ),
+            Route(
+                "GET",
+                "/readyz",
+                lambda req, p: self.readyz(req),
+                summary="Ready: the store answers and etherd is not draining",
+                responses={200: Ready},
+                auth=False,
+                tag=ops,
+            ),
+            Route(
+                "GET",
+                "/metrics",
+                lambda req, p: self.metrics_text(req),
+                summary="Prometheus metrics (admin token unless metrics.require_admin = false)",
+                responses={200: Body("text/plain", {"type": "string"})},
+                tag=ops,
+            ),
         ]
 
     async def healthz(self, request: Request) -> Response:
         """Alive: the loop turns and answers."""
-        return json_response(200, {"status": "ok"})
+        return json_response(200, Health())
 
     async def readyz(self, request: Request) -> Response:
         """Ready: the store answers and the server is not draining."""
@@ -45,7 +70,7 @@ class OpsRoutes:
         if not self.eventlog.is_up:
             raise Refusal("not_ready", "the event log is unavailable")
         await self.eventlog.ping()
-        return json_response(200, {"status": "ready", "epoch": self.eventlog.epoch})
+        return json_response(200, Ready(epoch=self.eventlog.epoch))
 
     async def metrics_text(self, request: Request) -> Response:
         """``GET /metrics``: needs an admin token when ``metrics.require_admin`` is true."""

@@ -14,7 +14,8 @@ import binascii
 from etherd.core.auth import Authenticator
 from etherd.core.errors import Refusal
 from etherd.core.topics import TopicError, is_pattern, validate_pattern
-from etherd.edge.api.common import Route, authenticate, json_response
+from etherd.edge.api.common import TOKEN_QUERY, Body, Param, Route, authenticate, json_response
+from etherd.edge.api.shapes import RealtimeClientConfig
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response, Stream, Upgrade
 from etherd.edge.http.sse import SseStream
@@ -35,13 +36,60 @@ class RealtimeRoutes:
     def routes(self) -> list[Route]:
         """The route table entries (the echo endpoint only when ``ws.echo_path`` is set)."""
         table = [
-            Route("GET", "/api/realtime", lambda req, p: self.upgrade(req)),
-            Route("GET", "/api/realtime/config", lambda req, p: self.client_config(req)),
-            Route("GET", "/api/events", lambda req, p: self.events(req, req.param("topic"))),
+            Route(
+                "GET",
+                "/api/realtime",
+                lambda req, p: self.upgrade(req),
+                summary="The WebSocket upgrade (see docs/protocol.md for the messages)",
+                responses={101: None},
+                errors=(426, 429),
+                params=(TOKEN_QUERY,),
+                tag="realtime",
+            ),
+            Route(
+                "GET",
+                "/api/realtime/config",
+                lambda req, p: self.client_config(req),
+                summary="How clients should connect",
+                responses={200: RealtimeClientConfig},
+                auth=False,
+                tag="realtime",
+            ),
+            Route(
+                "GET",
+                "/api/events",
+                lambda req, p: self.events(req, req.param("topic")),
+                summary="Server-Sent Events of one topic or pattern",
+                responses={200: Body("text/event-stream", {"type": "string"})},
+                errors=(422,),
+                params=(
+                    Param("topic", "query", {"type": "string", "minLength": 1}, required=True),
+                    Param(
+                        "since",
+                        "query",
+                        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+                        description="Replay events after this offset first",
+                    ),
+                    Param("Last-Event-ID", "header", {"type": "string"}),
+                    TOKEN_QUERY,
+                ),
+                tag="realtime",
+            ),
         ]
         echo_path = self.realtime.config.ws.echo_path
         if echo_path:
-            table.append(Route("GET", echo_path, lambda req, p: self.echo(req)))
+            table.append(
+                Route(
+                    "GET",
+                    echo_path,
+                    lambda req, p: self.echo(req),
+                    summary="WebSocket echo peer for the conformance suite",
+                    responses={101: None},
+                    errors=(426,),
+                    auth=False,
+                    tag="realtime",
+                )
+            )
         return table
 
     async def upgrade(self, request: Request) -> Upgrade:
@@ -94,12 +142,12 @@ class RealtimeRoutes:
         ws_base = "ws" + base[4:] if base.startswith("http") else base
         return json_response(
             200,
-            {
-                "prefer_websocket": config.realtime.prefer_websocket,
-                "websocket_url": ws_base + "/api/realtime",
-                "sse_url": base + "/api/events",
-                "replay_max_events": config.realtime.replay_max_events,
-            },
+            RealtimeClientConfig(
+                prefer_websocket=config.realtime.prefer_websocket,
+                websocket_url=ws_base + "/api/realtime",
+                sse_url=base + "/api/events",
+                replay_max_events=config.realtime.replay_max_events,
+            ),
         )
 
     async def events(self, request: Request, topic: str | None) -> Stream:

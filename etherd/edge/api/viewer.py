@@ -11,7 +11,7 @@ import re
 from importlib import resources
 from typing import Final
 
-from etherd.edge.api.common import Route
+from etherd.edge.api.common import Body, Route
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response
 
@@ -42,7 +42,17 @@ class ViewerRoutes:
 
     def routes(self) -> list[Route]:
         """The route table entries."""
-        return [Route("GET", "/", lambda req, p: self.viewer(req))]
+        return [
+            Route(
+                "GET",
+                "/",
+                lambda req, p: self.viewer(req),
+                summary="The built-in live viewer page",
+                responses={200: Body("text/html", {"type": "string"})},
+                auth=False,
+                tag="operations",
+            )
+        ]
 
     async def viewer(self, request: Request) -> Response:
         """``GET /``: the page, with a CSP that lets it connect back to this host only."""
