@@ -14,6 +14,7 @@ because the server may have closed an idle keep-alive connection meanwhile.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -179,6 +180,10 @@ class HttpClient:
         idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
+        for conn in idle:
+            # Let the transports finish closing before the caller's loop may end.
+            with contextlib.suppress(OSError):
+                await conn.writer.wait_closed()
 
 
 class _Stale(Exception):

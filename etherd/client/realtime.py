@@ -294,6 +294,9 @@ class Subscriber:
             self._ws = None
             if refresher is not None:
                 refresher.cancel()
+            # Also when subscribing failed: the socket must not outlive the session.
+            with contextlib.suppress(Exception):
+                await ws.close()
             for future in self._pending.values():
                 if not future.done():
                     future.set_exception(TransportError("the connection dropped"))
