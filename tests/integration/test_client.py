@@ -109,7 +109,7 @@ def test_subscriber_since_replays_and_an_unhonoured_resume_is_a_reset(server: Et
         # Ahead of the log: the server cannot honour it, the caller is told to reload.
         async with Subscriber(server.base, SERVICE, [topic], since=99) as sub:
             reset = await sub.next(WAIT)
-            assert reset == Reset(topic, 3, reset.epoch)
+            assert isinstance(reset, Reset) and (reset.topic, reset.offset) == (topic, 3)
             server.publish(topic, "n", i=3)
             (live,) = await events(sub, 1)
             assert (live.offset, live.data["i"]) == (4, 3)
