@@ -52,6 +52,8 @@ class _Parsed:
         self.headers: dict[str, str] = {}
         self.body = bytearray()
         self.complete = False
+        self.keep_alive = False
+        self.parser: Any = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
         self.headers[name.decode("latin-1").lower()] = value.decode("latin-1")
@@ -61,6 +63,8 @@ class _Parsed:
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Asked here: once the message is complete the parser forgets what it saw.
+        self.keep_alive = bool(self.parser.should_keep_alive())
 
 
 class _Connection:
@@ -137,6 +141,7 @@ class HttpClient:
     async def _exchange(self, conn: _Connection, head: bytes, body: bytes | None) -> Response:
         parsed = _Parsed()
         parser = httptools.HttpResponseParser(parsed)
+        parsed.parser = parser
         received = False
         try:
             conn.writer.write(head + (body or b""))
@@ -169,7 +174,7 @@ class HttpClient:
             conn.close()
             raise
         status = int(parser.get_status_code())
-        if parser.should_keep_alive() and len(self._idle) < self._max_idle:
+        if parsed.keep_alive and len(self._idle) < self._max_idle:
             self._idle.append(conn)
         else:
             conn.close()
