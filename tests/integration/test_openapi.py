@@ -43,12 +43,6 @@ def api_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etherd]:
         server.kill()
 
 
-def served(server: Etherd) -> bytes:
-    status, body = server.request("GET", "/api/openapi.json")
-    assert status == 200
-    return json.dumps(body, indent=2).encode()
-
-
 def test_the_committed_document_is_what_the_server_serves(api_server: Etherd) -> None:
     status, body = api_server.request("GET", "/api/openapi.json")
     assert status == 200

@@ -14,7 +14,15 @@ import binascii
 from etherd.core.auth import Authenticator
 from etherd.core.errors import Refusal
 from etherd.core.topics import TopicError, is_pattern, validate_pattern
-from etherd.edge.api.common import TOKEN_QUERY, Body, Param, Route, authenticate, json_response
+from etherd.edge.api.common import (
+    TOKEN_QUERY,
+    Body,
+    Param,
+    Route,
+    authenticate,
+    int_query,
+    json_response,
+)
 from etherd.edge.api.shapes import RealtimeClientConfig
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response, Stream, Upgrade
@@ -64,12 +72,7 @@ class RealtimeRoutes:
                 errors=(422,),
                 params=(
                     Param("topic", "query", {"type": "string", "minLength": 1}, required=True),
-                    Param(
-                        "since",
-                        "query",
-                        {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
-                        description="Replay events after this offset first",
-                    ),
+                    int_query("since", "Replay events after this offset first"),
                     Param("Last-Event-ID", "header", {"type": "string"}),
                     TOKEN_QUERY,
                 ),
