@@ -31,7 +31,7 @@ from etherd.client import (
     Unauthorized,
 )
 from etherd.core.auth import DEV_TOKEN
-from etherd.core.config import ConfigError, is_loopback
+from etherd.core.config import ConfigError
 
 __all__ = [
     "EXIT_AUTH",
@@ -97,7 +97,7 @@ def target(args: argparse.Namespace) -> tuple[str, str]:
         else:
             host = config.server.host
             # A wildcard listener is reached on loopback from this machine.
-            if not is_loopback(host) and host in ("0.0.0.0", "::", ""):
+            if host in ("0.0.0.0", "::", ""):
                 host = "127.0.0.1"
             shown = f"[{host}]" if ":" in host else host
             url = f"http://{shown}:{config.server.port}"
@@ -120,7 +120,7 @@ def json_arg(text: str, what: str) -> Any:
 def run_client(prog: str, work: Callable[[], Awaitable[int]]) -> int:
     """Run a client command; every expected failure becomes one line and an exit code."""
     try:
-        return asyncio.run(_guard(work))
+        return asyncio.run(_awaited(work))
     except KeyboardInterrupt:
         return EXIT_OK
     except UsageError as exc:
@@ -139,5 +139,6 @@ def run_client(prog: str, work: Callable[[], Awaitable[int]]) -> int:
         return fail(prog, f"{exc.code or exc.status}: {exc.message}", EXIT_REFUSED)
 
 
-async def _guard(work: Callable[[], Awaitable[int]]) -> int:
+async def _awaited(work: Callable[[], Awaitable[int]]) -> int:
+    # asyncio.run takes a coroutine; ``work`` may return any awaitable.
     return await work()
