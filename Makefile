@@ -7,8 +7,8 @@ RUNTIME := $(VENV)/.runtime-installed
 DEV     := $(VENV)/.dev-installed
 BENCH   := $(VENV)/.bench-installed
 
-.PHONY: run test lint typecheck unit integration conformance bench bench-micro bench-fanout \
-	bench-client bench-peers clean
+.PHONY: run test lint typecheck unit integration conformance openapi bench bench-micro \
+	bench-fanout bench-client bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +51,10 @@ integration: $(DEV)
 
 conformance: $(DEV)
 	bash tests/conformance/run.sh
+
+## openapi: write the HTTP API's OpenAPI document (what GET /api/openapi.json serves)
+openapi: $(RUNTIME)
+	$(BIN)/etherd openapi > docs/openapi.json
 
 ## bench: the standard benchmark set (a few minutes), printed as a table
 bench: bench-client bench-micro bench-fanout

@@ -38,12 +38,13 @@ from typing import Any, Final
 
 import msgspec
 
-from etherd.core.auth import Authenticator
-from etherd.core.config import Config, ConfigError, is_loopback, masked
+from etherd.core.auth import Authenticator, Role
+from etherd.core.config import Config, ConfigError, check_listener, masked
 from etherd.core.errors import GOING_AWAY
 from etherd.core.hub import Hub
-from etherd.edge.api.common import Dispatcher, Handler
+from etherd.edge.api.common import Dispatcher, Handler, Route
 from etherd.edge.api.harness import HarnessRoutes
+from etherd.edge.api.openapi import OpenApiRoutes
 from etherd.edge.api.ops import OpsRoutes
 from etherd.edge.api.publish import PublishRoutes
 from etherd.edge.api.realtime import RealtimeRoutes
@@ -51,6 +52,7 @@ from etherd.edge.api.tasks import TaskRoutes
 from etherd.edge.api.web import WebRoutes
 from etherd.edge.http.protocol import HttpConnection
 from etherd.edge.http.router import LabelledRouter
+from etherd.edge.ops.devkey import dev_key
 from etherd.edge.ops.keyfiles import read_key_files
 from etherd.edge.ops.logs import setup_logging
 from etherd.edge.ops.metrics import Metrics
@@ -99,7 +101,10 @@ class Services:
         node = config.cluster.node_id or f"{socket.gethostname()}-{os.getpid()}"
         self.state = state = ServerState(config, node_id=node)
         self.auth = Authenticator(
-            config.auth, dev=config.dev_auth, key_files=read_key_files(config.auth)
+            config.auth,
+            dev=config.dev_auth,
+            key_files=read_key_files(config.auth),
+            dev_secret=_dev_secret(config),
         )
         self.hub = hub = Hub(loop.call_soon, config.ws.fanout_slice)
 
@@ -135,6 +140,8 @@ class Services:
         self.metrics = Metrics(stats, self.router.template, lambda: state.config.log)
         self.batcher.on_commit = self.metrics.on_commit
         realtime_routes = RealtimeRoutes(self.auth, realtime)
+        # Every route, in order, for the OpenAPI document (which describes itself too).
+        self.routes: list[Route] = []
         for routes in (
             WebRoutes(self.auth),
             OpsRoutes(self.auth, eventlog, self.metrics, stats, self.rates, state),
@@ -142,9 +149,11 @@ class Services:
             PublishRoutes(self.auth, self.publisher, state),
             TaskRoutes(self.auth, self.tasks, eventlog, realtime_routes, state),
             HarnessRoutes(self.auth, self.tasks, state),
+            OpenApiRoutes(lambda: self.routes),
         ):
             for route in routes.routes():
                 self.router.add(route.method, route.template, route.handler, streams=route.streams)
+                self.routes.append(route)
         self.dispatch = Dispatcher(self.router)
         self._loop = loop
 
@@ -166,13 +175,23 @@ class Services:
 
     def apply(self, new: Config) -> None:
         """Apply a reloaded configuration (keys first: an unreadable key file refuses it)."""
-        self.auth.reload(new.auth, dev=new.dev_auth, key_files=read_key_files(new.auth))
+        self.auth.reload(
+            new.auth,
+            dev=new.dev_auth,
+            key_files=read_key_files(new.auth),
+            dev_secret=_dev_secret(new),
+        )
         batcher = self.batcher
         batcher.max_rows = new.store.batch_max_rows
         batcher.max_delay_s = new.store.batch_max_delay_ms / 1000
         batcher.queue_max_rows = new.store.queue_max_rows
         batcher.retry_max_delay_s = new.store.retry_max_delay_s
         self.state.config = new
+
+
+def _dev_secret(config: Config) -> bytes | None:
+    """The data directory's development key while development mode is on."""
+    return dev_key(config.server.data_dir) if config.dev_auth else None
 
 
 class Server:
@@ -465,15 +484,26 @@ def adopt_socket(config: Config, sock: socket.socket) -> Config:
     adopted = msgspec.structs.replace(
         config, server=msgspec.structs.replace(config.server, host=host, port=port)
     )
-    if adopted.auth.dev and not is_loopback(host):
-        raise ConfigError(
-            f"auth.dev = true needs a loopback listener, but the inherited socket listens on "
-            f"{host}; development tokens must never be reachable from the network"
-        )
+    check_listener(adopted, host)
     return adopted
 
 
-def banner(config: Config, port: int, dev: bool, store_url: str) -> str:
+# Who the tokens the development banner prints name, by role, and how long they last.
+DEV_TOKEN_SUBJECTS: Final = {Role.USER: "alice", Role.HARNESS: "harness-1", Role.SERVICE: "backend"}
+DEV_TOKEN_TTL_S: Final = 24 * 3600.0
+
+
+def dev_tokens(auth: Authenticator) -> dict[Role, str]:
+    """Ready-to-use tokens for the banner, one per role, signed with the development key."""
+    return {
+        role: auth.issue(sub, role, DEV_TOKEN_TTL_S, None)
+        for role, sub in DEV_TOKEN_SUBJECTS.items()
+    }
+
+
+def banner(
+    config: Config, port: int, dev: bool, store_url: str, tokens: dict[Role, str] | None = None
+) -> str:
     """What ``etherd serve`` prints at start: where it listens and how to try it."""
     host = config.server.host
     shown = f"[{host}]" if ":" in host else host
@@ -486,12 +516,21 @@ def banner(config: Config, port: int, dev: bool, store_url: str) -> str:
             "         Configure auth.secret or auth.public_keys before exposing etherd.",
             "",
             "Try it:",
-            f"  subscribe:  .venv/bin/etherd tail --url ws://{shown}:{port}/api/realtime "
-            "tasks/task_abc",
+            f"  subscribe:  .venv/bin/etherd tail --url http://{shown}:{port} tasks/task_abc",
             f"  publish:    curl -s -H 'Authorization: Bearer test' -H 'Content-Type: "
             f'application/json\' -d \'{{"topic":"tasks/task_abc","event":"hello",'
             f'"data":{{"text":"hi"}}}}\' http://{shown}:{port}/api/publish',
+            f"  a harness:  .venv/bin/etherd demo-harness --url http://{shown}:{port}",
+            f"  a task:     .venv/bin/etherd tasks create --url http://{shown}:{port} "
+            "'Fix the checkout bug'",
         ]
+        if tokens:
+            lines += ["", "Development tokens (valid for 24 h, only while development mode is on):"]
+            lines += [
+                f"  {role.value:<8} ({DEV_TOKEN_SUBJECTS[role]}): {token}"
+                for role, token in tokens.items()
+            ]
+            lines.append("More with: etherd token --sub NAME --role user|harness|service|admin")
     else:
         lines.append("Get a token with: etherd token --sub USER --role user")
     return "\n".join(lines)
@@ -548,6 +587,9 @@ async def serve(
     except StoreUnavailable as exc:
         log.error("cannot open the event log: %s", exc)
         return 1
+    except ConfigError as exc:
+        log.error("%s", exc)
+        return 2
     except OSError as exc:
         log.error("cannot listen on %s:%s: %s", config.server.host, config.server.port, exc)
         return 1
@@ -555,7 +597,8 @@ async def serve(
     assert server.services is not None
     for note in server.services.auth.notes:
         log.warning("%s", note)
-    text = banner(config, server.port, config.dev_auth, config.store_url)
+    tokens = dev_tokens(server.services.auth) if config.dev_auth else None
+    text = banner(config, server.port, config.dev_auth, config.store_url, tokens)
     if config.log.format == "json":
         # One JSON object per line on stderr: the banner goes through the log as well.
         first = text.split("\n", 1)[0]

@@ -1,7 +1,9 @@
 """Who is calling, and what they may do: JWT verification and topic authorisation.
 
 Contract sections 2 and 3. This module is pure: key files are read by the caller
-(``edge.ops.keyfiles``) and handed in as bytes. The HTTP and WebSocket layers call
+(``edge.ops.keyfiles``) and handed in as bytes, and so is the development key
+(``edge.ops.devkey``), an HS256 secret of the data directory that signs tokens of any
+role while development mode is on. The HTTP and WebSocket layers call
 :meth:`Authenticator.bearer` or :meth:`Authenticator.verify` to get a :class:`Principal`,
 then :func:`may_subscribe`, :func:`may_publish` and :func:`check_harness_app` to decide,
 per topic or per route.
@@ -33,7 +35,7 @@ from cryptography.hazmat.primitives.serialization import (
 )
 from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
-from etherd.core.config import AuthConfig, ConfigError
+from etherd.core.config import MIN_SECRET_BYTES, AuthConfig, ConfigError, short_secret
 from etherd.core.errors import Refusal
 from etherd.core.topics import TopicError, covers, is_pattern, matches, validate_pattern
 
@@ -56,8 +58,6 @@ DEV_SUBJECT: Final = "dev"
 
 # Larger tokens are refused before any parsing or cryptography.
 MAX_TOKEN_BYTES: Final = 16 * 1024
-# Below this an HS256 secret works but is reported in Authenticator.notes.
-MIN_SECRET_BYTES: Final = 32
 MIN_RSA_BITS: Final = 2048
 # Verified tokens remembered (see Authenticator.verify); the least recently used goes first.
 TOKEN_CACHE_SIZE: Final = 10_000
@@ -169,11 +169,34 @@ PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
 class _Keys:
     """Everything loaded from one AuthConfig; replaced as a whole on reload."""
 
-    __slots__ = ("config", "dev", "notes", "private", "private_alg", "public", "secret", "verified")
+    __slots__ = (
+        "config",
+        "dev",
+        "dev_secret",
+        "notes",
+        "private",
+        "private_alg",
+        "public",
+        "secret",
+        "verified",
+    )
 
-    def __init__(self, config: AuthConfig, dev: bool, files: Mapping[str, bytes]) -> None:
+    def __init__(
+        self,
+        config: AuthConfig,
+        dev: bool,
+        files: Mapping[str, bytes],
+        dev_secret: bytes | None,
+    ) -> None:
         self.config = config
         self.dev = dev
+        if dev_secret is not None and len(dev_secret) < MIN_SECRET_BYTES:
+            raise ConfigError(
+                f"the development key is {len(dev_secret)} bytes; it must be at least "
+                f"{MIN_SECRET_BYTES} (delete the file and etherd makes a new one)"
+            )
+        # Valid only while development mode is on.
+        self.dev_secret = dev_secret if dev else None
         # Tokens these keys verified -> their principal (see Authenticator.verify). It lives
         # and dies with the keys, so a reload starts from an empty cache, and a verification
         # still running on the old keys can only fill the old cache.
@@ -190,10 +213,7 @@ class _Keys:
                     "string for HS256 (put public keys in auth.public_keys instead)"
                 ) from None
             if len(secret) < MIN_SECRET_BYTES:
-                notes.append(
-                    f"auth.secret is {len(secret)} bytes; HS256 secrets should be at least "
-                    f"{MIN_SECRET_BYTES} random bytes (e.g. `openssl rand -hex 32`)"
-                )
+                raise ConfigError(short_secret(len(secret)))
             self.secret = secret
         self.public: dict[str, list[PublicKey]] = {RS256: [], ES256: []}
         for index, name in enumerate(config.public_keys):
@@ -325,28 +345,38 @@ class Authenticator:
         *,
         dev: bool,
         key_files: Mapping[str, bytes] | None = None,
+        dev_secret: bytes | None = None,
         now: Callable[[], float] = time.time,
     ) -> None:
         """Load the keys named in ``config``.
 
         Args:
             config: the ``[auth]`` section.
-            dev: whether the development token ``test`` is accepted (``Config.dev_auth``).
+            dev: whether development mode is on (``Config.dev_auth``): the token ``test``
+                and tokens signed with ``dev_secret`` are accepted.
             key_files: the contents of every file ``config`` names (``public_keys``,
                 ``private_key``), by name; ``edge.ops.keyfiles.read_key_files`` reads them.
+            dev_secret: the development key (``edge.ops.devkey.dev_key``); ignored while
+                ``dev`` is off.
             now: the clock, in unix seconds (tests pass a fixed one).
 
         Raises:
-            ConfigError: a key file that was not given or is not a usable key.
+            ConfigError: a key file that was not given or is not a usable key, or an
+                HS256 secret shorter than ``MIN_SECRET_BYTES``.
         """
         self._now = now
-        self._keys = _Keys(config, dev, key_files or {})
+        self._keys = _Keys(config, dev, key_files or {}, dev_secret)
 
     def reload(
-        self, config: AuthConfig, *, dev: bool, key_files: Mapping[str, bytes] | None = None
+        self,
+        config: AuthConfig,
+        *,
+        dev: bool,
+        key_files: Mapping[str, bytes] | None = None,
+        dev_secret: bytes | None = None,
     ) -> None:
         """Swap in new keys (on SIGHUP). On ConfigError the old keys stay in use."""
-        self._keys = _Keys(config, dev, key_files or {})
+        self._keys = _Keys(config, dev, key_files or {}, dev_secret)
 
     @property
     def dev(self) -> bool:
@@ -439,13 +469,18 @@ class Authenticator:
         alg = header.get("alg")
         candidates: Sequence[bytes | PublicKey]
         if alg == HS256:
-            if keys.secret is None:
+            candidates = [s for s in (keys.secret, keys.dev_secret) if s is not None]
+            if not candidates:
                 raise AuthError(
                     "HS256 tokens are not accepted: this server has no auth.secret"
                     + self._accepted_hint(keys)
                 )
-            candidates = [keys.secret]
-            against = "the configured auth.secret"
+            if keys.secret is None:
+                against = "the development key"
+            elif keys.dev_secret is None:
+                against = "the configured auth.secret"
+            else:
+                against = "the configured auth.secret or the development key"
         elif alg in (RS256, ES256):
             candidates = keys.public[alg]
             if not candidates:
@@ -487,7 +522,7 @@ class Authenticator:
 
     @staticmethod
     def _accepted_hint(keys: _Keys) -> str:
-        accepted = [HS256] if keys.secret is not None else []
+        accepted = [HS256] if keys.secret is not None or keys.dev_secret is not None else []
         accepted += [alg for alg in (RS256, ES256) if keys.public[alg]]
         if not accepted:
             return "; no auth.secret or auth.public_keys are configured, so no JWT verifies"
@@ -541,11 +576,11 @@ class Authenticator:
         """Sign a token this server accepts (``etherd token``).
 
         Signs HS256 with ``auth.secret``, or else with ``auth.private_key`` (RS256 or
-        ES256 by key type). Adds ``iss``/``aud`` when configured. ``ttl_s`` None means
-        no ``exp`` claim.
+        ES256 by key type), or else, in development mode, with the development key. Adds
+        ``iss``/``aud`` when configured. ``ttl_s`` None means no ``exp`` claim.
 
         Raises:
-            ConfigError: neither a secret nor a private key is configured.
+            ConfigError: no secret, no private key and no development key.
             ValueError: empty ``sub``, a ``ttl_s`` that is not positive, no ``ttl_s``
                 while ``auth.require_exp`` is on, or an invalid topic pattern
                 (TopicError).
@@ -578,9 +613,11 @@ class Authenticator:
             return _JWS.encode(payload, keys.secret, algorithm=HS256)
         if keys.private is not None and keys.private_alg is not None:
             return _JWS.encode(payload, keys.private, algorithm=keys.private_alg)
+        if keys.dev_secret is not None:
+            return _JWS.encode(payload, keys.dev_secret, algorithm=HS256)
         raise ConfigError(
             "cannot sign tokens: set auth.secret (HS256) or auth.private_key (a PEM RSA or "
-            "P-256 EC private key)"
+            "P-256 EC private key), or use development mode (no keys, loopback listener)"
         )
 
 

@@ -29,6 +29,7 @@ __all__ = [
     "TasksConfig",
     "WsConfig",
     "build",
+    "check_listener",
 ]
 
 Pos = Annotated[int, msgspec.Meta(ge=1)]
@@ -369,13 +370,45 @@ def _env_value(name: str, text: str, typ: Any) -> Any:
         raise ConfigError(f"{name}={text!r}: {exc}") from None
 
 
+# Shorter HS256 secrets are refused: they can be brute-forced from one token.
+MIN_SECRET_BYTES = 32
+
+
+def short_secret(size: int) -> str:
+    """Why an HS256 secret of ``size`` bytes is refused, and what to do instead."""
+    return (
+        f"auth.secret is {size} bytes; HS256 needs at least {MIN_SECRET_BYTES} random "
+        f"bytes (e.g. `openssl rand -hex 32`)"
+    )
+
+
+def check_listener(config: Config, host: str) -> None:
+    """Refuse to listen on ``host`` beyond loopback with development auth or with no keys.
+
+    Raises:
+        ConfigError: one line saying what to configure.
+    """
+    if is_loopback(host):
+        return
+    if config.auth.dev:
+        raise ConfigError(
+            f"auth.dev = true needs a loopback listener, but etherd would listen on {host!r}; "
+            f"development tokens must never be reachable from the network"
+        )
+    if not (config.auth.secret or config.auth.public_keys):
+        raise ConfigError(
+            f"etherd would listen on {host!r} with no way to verify tokens: set auth.secret "
+            f"(e.g. ETHERD_AUTH_SECRET=$(openssl rand -hex 32)) or auth.public_keys, or listen "
+            f"on 127.0.0.1 for development mode"
+        )
+
+
 def _check(config: Config) -> None:
     """Rules that span several keys."""
-    if config.auth.dev and not is_loopback(config.server.host):
-        raise ConfigError(
-            f"auth.dev = true needs a loopback listener, but server.host is "
-            f"{config.server.host!r}; development tokens must never be reachable from the network"
-        )
+    check_listener(config, config.server.host)
+    size = len(config.auth.secret.encode())
+    if 0 < size < MIN_SECRET_BYTES:
+        raise ConfigError(short_secret(size))
     if config.ws.ping_timeout_s > config.ws.ping_interval_s * 10:
         raise ConfigError("ws.ping_timeout_s must be at most ten times ws.ping_interval_s")
     for origin in config.http.cors_origins:

@@ -45,6 +45,7 @@ CODES: Final[dict[str, str]] = {
     "conflict": "the resource changed or already exists",
     "run_mismatch": "the run is not the task's current run",
     "lease_expired": "the run's lease has lapsed",
+    "cancelled": "the task was cancelled; its run is over",
     "invalid_transition": "the task's status does not allow this",
     "already_claimed": "another run holds the task",
     "idempotency_conflict": "the Idempotency-Key was used with another body",

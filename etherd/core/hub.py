@@ -357,7 +357,10 @@ class Hub:
         if state is None or state.held is None:
             return
         held, state.held = state.held, None
-        state.floor = max(state.floor, last)
+        # ``last`` is where the client now stands; it is below the requested position when
+        # the resume was not honoured (a position ahead of the log), and live events above
+        # it must then pass.
+        state.floor = last
         for prepared in held:
             resuming = sink.resuming
             if resuming is None or topic not in resuming or self._admit(sink, prepared):

@@ -41,6 +41,7 @@ running        Result       completed | interrupted |   run, lease; submitted an
                             failed                      complete, blocked parks (the run
                                                         ends), failed fails
 running        Expire       queued                      lease lapsed, else ``conflict``
+running        Cancel       cancelled                   the run ends; it hears ``cancelled``
 interrupted    Heartbeat    interrupted                 run alive, run, lease
 interrupted    Answer       running | queued            running if the run's lease is still
                                                         valid, else queued
@@ -49,14 +50,18 @@ interrupted    Expire       interrupted                 the run's lease lapsed: 
 =============  ===========  ==========================  =======================================
 
 Guards run in a fixed order: existence (``not_found``, ``conflict`` for a second create),
-run (``run_mismatch``), table (``invalid_transition``), lease (``lease_expired``), then the
-payload (``unprocessable``). The run guard applies to the run calls (heartbeat, step,
-interrupt, result) on a task that is not final, and it comes before the table: a ``run_id``
-that is not the task's current run is ``run_mismatch`` whatever the status, so a harness
-whose run is over (the lease sweep queued the task, a ``blocked`` result parked it, another
-harness took it over) hears exactly that, never ``invalid_transition``. A run call from the
-current run that the status does not take (a step while interrupted) is
-``invalid_transition``, and so is every run call on a final task.
+cancellation (``cancelled``), run (``run_mismatch`` or ``lease_expired``), table
+(``invalid_transition``), lease (``lease_expired``), then the payload (``unprocessable``).
+Every run call (heartbeat, step, interrupt, result) on a cancelled task is ``cancelled``:
+that is how a harness learns that the owner cancelled the task it was running. The run
+guard applies to the run calls on a task that is not final, and it comes before the table:
+a ``run_id`` that is not the task's current run is ``run_mismatch`` whatever the status, so
+a harness whose run is over (a ``blocked`` result parked it, another harness took it over)
+hears exactly that, never ``invalid_transition``; except the run whose lease lapsed last
+(``Task.lapsed_run``: the sweep requeued the task, or a takeover claim ended it), which
+hears ``lease_expired``. A run call from the current run that the status does not take (a
+step while interrupted) is ``invalid_transition``, and so is every run call on a completed
+or failed task.
 
 Events. A handler returns its *primary* events (``os.harness.step``, ``task.interrupted``,
 ``task.resumed``, ``task.delivered``, ``task.failed``) and its timeline entries; ``apply``
@@ -71,7 +76,9 @@ changed). ``updated_ms`` moves only when something a person can see happened, th
 the action published events: heartbeats do not reorder the task grid. Every answer is
 appended to ``answers`` (the next bundle carries them all); an answer given while the run is
 alive is also kept in ``pending_answer`` for the heartbeat until the run moves on (its next
-step, interrupt or result) or ends.
+step, interrupt or result), ends, or acknowledges it: a heartbeat with ``answer_seen`` drops
+an answer an earlier heartbeat already told (``answer_told``), so an acknowledgement can
+never swallow an answer the harness has not heard yet.
 """
 
 from __future__ import annotations
@@ -103,6 +110,7 @@ __all__ = [
     "HarnessStep",
     "Heartbeat",
     "Interrupt",
+    "LapsedRun",
     "LastStep",
     "Outcome",
     "Result",
@@ -174,6 +182,13 @@ class LastStep(msgspec.Struct, kw_only=True, frozen=True):
     at: str
 
 
+class LapsedRun(msgspec.Struct, kw_only=True, frozen=True):
+    """The latest run whose lease lapsed, so its late calls hear ``lease_expired``."""
+
+    run_id: str
+    lease_expires_ms: int
+
+
 class Task(msgspec.Struct, kw_only=True, frozen=True):
     """One task as the store keeps it. Times are milliseconds since the epoch (UTC)."""
 
@@ -199,6 +214,9 @@ class Task(msgspec.Struct, kw_only=True, frozen=True):
     options: list[str] = msgspec.field(default_factory=list)
     answers: list[AnswerEntry] = msgspec.field(default_factory=list)
     pending_answer: AnswerEntry | None = None
+    # Whether a heartbeat already told ``pending_answer`` (only such an answer can be acked).
+    answer_told: bool = False
+    lapsed_run: LapsedRun | None = None
     last_step: LastStep | None = None
     delivery: Delivery | None = None
     error: str | None = None
@@ -236,6 +254,8 @@ class Heartbeat(msgspec.Struct, kw_only=True, frozen=True):
     run_id: str
     now_ms: int
     lease_ms: int
+    # The harness heard the answer an earlier heartbeat told: stop repeating it.
+    answer_seen: bool = False
 
 
 class Step(msgspec.Struct, kw_only=True, frozen=True):
@@ -404,6 +424,7 @@ _NO_RUN: Final[dict[str, Any]] = {
     "app_id": None,
     "lease_expires_ms": None,
     "pending_answer": None,
+    "answer_told": False,
 }
 
 
@@ -412,19 +433,31 @@ def _lease_live(task: Task, now_ms: int) -> bool:
 
 
 def _run_mismatch(task: Task, run_id: str) -> Refusal | None:
-    """``run_mismatch`` when ``run_id`` is not the task's current run, else None."""
+    """``run_mismatch`` when ``run_id`` is not the task's current run, else None.
+
+    The run whose lease lapsed last hears ``lease_expired`` instead: that is why it lost
+    the task.
+    """
+    if run_id == task.run_id:
+        return None
+    lapsed = task.lapsed_run
+    if lapsed is not None and lapsed.run_id == run_id:
+        expired = rfc3339_ms(lapsed.lease_expires_ms)
+        return Refusal(
+            "lease_expired",
+            f"the lease of run {run_id} on task {task.id} expired at {expired} and the run "
+            f"ended (the task is {task.status} now); claim the task again once it is queued",
+        )
     if task.run_id is None:
         return Refusal(
             "run_mismatch",
             f"run {run_id} is not the current run of task {task.id}: it has no active run "
             f"(it is {task.status}; the run ended, claim the task again once it is queued)",
         )
-    if run_id != task.run_id:
-        return Refusal(
-            "run_mismatch",
-            f"run {run_id} is not the current run of task {task.id} (current: {task.run_id})",
-        )
-    return None
+    return Refusal(
+        "run_mismatch",
+        f"run {run_id} is not the current run of task {task.id} (current: {task.run_id})",
+    )
 
 
 def _check_run(task: Task, run_id: str, now_ms: int) -> None:
@@ -504,6 +537,7 @@ def _claim(task: Task, a: Claim) -> _Change:
                 run_id=task.run_id,
             )
         )
+        task = msgspec.structs.replace(task, lapsed_run=_lapsed(task))
     attempts = task.attempts + 1
     new = msgspec.structs.replace(
         task,
@@ -513,6 +547,7 @@ def _claim(task: Task, a: Claim) -> _Change:
         app_id=a.app_id,
         lease_expires_ms=a.now_ms + a.lease_ms,
         pending_answer=None,
+        answer_told=False,
         attempts=attempts,
     )
     timeline.append(
@@ -529,7 +564,16 @@ def _claim(task: Task, a: Claim) -> _Change:
 
 def _heartbeat(task: Task, a: Heartbeat) -> _Change:
     _check_run(task, a.run_id, a.now_ms)
-    return _Change(msgspec.structs.replace(task, lease_expires_ms=a.now_ms + a.lease_ms), [], [])
+    pending = task.pending_answer
+    told = pending is not None
+    if a.answer_seen and task.answer_told:
+        # Only an answer a heartbeat already told can be acknowledged: one that arrived
+        # since is still news, and this heartbeat tells it.
+        pending, told = None, False
+    new = msgspec.structs.replace(
+        task, lease_expires_ms=a.now_ms + a.lease_ms, pending_answer=pending, answer_told=told
+    )
+    return _Change(new, [], [])
 
 
 def _step(task: Task, a: Step) -> _Change:
@@ -542,7 +586,7 @@ def _step(task: Task, a: Step) -> _Change:
         run_id=a.run_id,
         at=at,
     )
-    new = msgspec.structs.replace(task, last_step=step, pending_answer=None)
+    new = msgspec.structs.replace(task, last_step=step, pending_answer=None, answer_told=False)
     event = HarnessStep(
         task_id=task.id,
         run_id=a.run_id,
@@ -570,6 +614,7 @@ def _interrupt(task: Task, a: Interrupt) -> _Change:
         question=question,
         options=list(a.options),
         pending_answer=None,
+        answer_told=False,
     )
     event = TaskInterrupted(
         task_id=task.id, run_id=a.run_id, question=question, options=list(a.options)
@@ -603,7 +648,9 @@ def _answer(task: Task, a: Answer) -> _Change:
     }
     if task.run_id is not None and _lease_live(task, a.now_ms):
         # The run that asked is still alive: it goes on and hears the answer by heartbeat.
-        new = msgspec.structs.replace(task, status=Status.RUNNING, pending_answer=entry, **answered)
+        new = msgspec.structs.replace(
+            task, status=Status.RUNNING, pending_answer=entry, answer_told=False, **answered
+        )
     else:
         # No live run to hear it: the answer waits in the next claim's bundle.
         new = msgspec.structs.replace(task, status=Status.QUEUED, **answered, **_NO_RUN)
@@ -682,7 +729,7 @@ def _expire(task: Task, a: Expire) -> _Change:
     # A running task goes back to the queue; an interrupted one keeps waiting for its answer,
     # which will then queue it instead of resuming the run.
     status = Status.QUEUED if task.status is Status.RUNNING else Status.INTERRUPTED
-    new = msgspec.structs.replace(task, status=status, **_NO_RUN)
+    new = msgspec.structs.replace(task, status=status, lapsed_run=_lapsed(task), **_NO_RUN)
     entry = TimelineEntry(
         kind="lease_expired",
         at=rfc3339_ms(a.now_ms),
@@ -693,12 +740,23 @@ def _expire(task: Task, a: Expire) -> _Change:
     return _Change(new, [], [entry])
 
 
+def _lapsed(task: Task) -> LapsedRun:
+    """The task's current run, as the run whose lease lapsed."""
+    assert task.run_id is not None and task.lease_expires_ms is not None
+    return LapsedRun(run_id=task.run_id, lease_expires_ms=task.lease_expires_ms)
+
+
 def _cancel(task: Task, a: Cancel) -> _Change:
     new = msgspec.structs.replace(
         task, status=Status.CANCELLED, question=None, options=[], **_NO_RUN
     )
+    # A running task's run ends here; its harness hears ``cancelled`` on its next call.
     entry = TimelineEntry(
-        kind="cancelled", at=rfc3339_ms(a.now_ms), summary="Task cancelled", status=new.status
+        kind="cancelled",
+        at=rfc3339_ms(a.now_ms),
+        summary="Task cancelled",
+        status=new.status,
+        run_id=task.run_id,
     )
     return _Change(new, [], [entry])
 
@@ -733,6 +791,7 @@ TRANSITIONS: Final[dict[Status | None, dict[type[Any], Rule]]] = {
         Interrupt: _rule(_interrupt, Status.INTERRUPTED),
         Result: _rule(_result, Status.COMPLETED, Status.INTERRUPTED, Status.FAILED),
         Expire: _rule(_expire, Status.QUEUED),
+        Cancel: _rule(_cancel, Status.CANCELLED),
     },
     Status.INTERRUPTED: {
         Heartbeat: _rule(_heartbeat, Status.INTERRUPTED),
@@ -764,7 +823,7 @@ _ALLOWED: Final[dict[type[Any], str]] = {
     Interrupt: "interrupts are accepted only while running",
     Answer: "answers are accepted only while interrupted",
     Result: "results are accepted only while running",
-    Cancel: "cancellable only when queued or interrupted",
+    Cancel: "cancellable only while queued, running or interrupted",
     Expire: "only a running or interrupted task holds a lease",
 }
 
@@ -773,8 +832,8 @@ def _refusal(task: Task, action: Action) -> Refusal:
     """Why the table has no entry for ``action`` in the task's status.
 
     A run call from a run that is not the task's current one is ``run_mismatch`` (its run is
-    over) unless the task is final; everything else is ``invalid_transition`` naming the
-    status, the action and where it is accepted.
+    over) or ``lease_expired`` (its lease lapsed) unless the task is final; everything else
+    is ``invalid_transition`` naming the status, the action and where it is accepted.
     """
     if isinstance(action, Heartbeat | Step | Interrupt | Result) and task.status not in TERMINAL:
         mismatch = _run_mismatch(task, action.run_id)
@@ -805,13 +864,24 @@ def apply(task: Task | None, action: Action) -> Outcome:
         The new task (``version`` + 1) and the events to publish, in order.
 
     Raises:
-        Refusal: ``not_found``, ``conflict``, ``invalid_transition``, ``run_mismatch``,
-            ``lease_expired``, ``already_claimed`` or ``unprocessable``; nothing changed.
+        Refusal: ``not_found``, ``conflict``, ``cancelled``, ``invalid_transition``,
+            ``run_mismatch``, ``lease_expired``, ``already_claimed`` or ``unprocessable``;
+            nothing changed.
     """
     if task is None and not isinstance(action, Create):
         raise Refusal("not_found", f"cannot {_VERBS[type(action)]} a task that does not exist")
     if task is not None and isinstance(action, Create):
         raise Refusal("conflict", f"task {task.id} already exists")
+    if (
+        task is not None
+        and task.status is Status.CANCELLED
+        and isinstance(action, Heartbeat | Step | Interrupt | Result)
+    ):
+        raise Refusal(
+            "cancelled",
+            f"task {task.id} was cancelled by its owner; stop working on it "
+            f"(run {action.run_id} ended)",
+        )
     old_status = task.status if task is not None else None
     rule = TRANSITIONS[old_status].get(type(action))
     if rule is None:

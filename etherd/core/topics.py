@@ -3,7 +3,9 @@
 Theory of operation
 -------------------
 A *topic* is a name that events are published to: ``/``-separated segments, each made of
-``[A-Za-z0-9_.:-]``, at most ``MAX_TOPIC_BYTES`` bytes in all. A *pattern* is what a client
+``[A-Za-z0-9_.:-]``, at most ``MAX_TOPIC_BYTES`` bytes in all. The segments ``.`` and
+``..`` are refused: topics end up in URLs and paths, where they would read as "here" and
+"up one level". A *pattern* is what a client
 subscribes to: a topic in which whole segments may be the wildcards ``*`` (exactly one
 segment) or, as the last segment only, ``>`` (one or more trailing segments), as in NATS.
 ``matches`` is the reference definition of "pattern matches topic"; ``covers`` decides whether
@@ -104,6 +106,8 @@ def _diagnose(text: str, kind: str, wildcards: bool) -> str:
                     f"found at segment {number} of {count}"
                 )
             continue
+        if segment in (".", ".."):
+            return f"{where} is {segment!r}; '.' and '..' are not allowed as a whole segment"
         for position, char in enumerate(segment, 1):
             if char not in _SEG_CHARS:
                 hint = ""
@@ -121,16 +125,31 @@ def _diagnose(text: str, kind: str, wildcards: bool) -> str:
     return f"{kind} {text!r} is not valid"
 
 
+def _dot_segment(text: str) -> bool:
+    """Whether a ``.`` or ``..`` segment is in ``text`` (cheap when there is no dot)."""
+    if "." not in text:
+        return False
+    return any(segment in (".", "..") for segment in text.split("/"))
+
+
 def validate_topic(topic: str) -> None:
     """Check that ``topic`` is a concrete topic (no wildcards); raise ``TopicError`` if not."""
-    if len(topic) <= MAX_TOPIC_BYTES and _TOPIC_RE.fullmatch(topic) is not None:
+    if (
+        len(topic) <= MAX_TOPIC_BYTES
+        and _TOPIC_RE.fullmatch(topic) is not None
+        and not _dot_segment(topic)
+    ):
         return  # ASCII only, so characters == bytes
     raise TopicError(_diagnose(topic, "topic", wildcards=False))
 
 
 def validate_pattern(pattern: str) -> None:
     """Check that ``pattern`` is a topic or a wildcard pattern; raise ``TopicError`` if not."""
-    if len(pattern) <= MAX_TOPIC_BYTES and _PATTERN_RE.fullmatch(pattern) is not None:
+    if (
+        len(pattern) <= MAX_TOPIC_BYTES
+        and _PATTERN_RE.fullmatch(pattern) is not None
+        and not _dot_segment(pattern)
+    ):
         return
     raise TopicError(_diagnose(pattern, "pattern", wildcards=True))
 

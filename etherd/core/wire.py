@@ -247,6 +247,12 @@ class RunBody(msgspec.Struct, gc=False):
     run_id: str
 
 
+class HeartbeatBody(msgspec.Struct, gc=False):
+    run_id: str
+    # True once the harness heard the answer an earlier heartbeat told: stop repeating it.
+    answer_seen: bool = False
+
+
 class StepBody(msgspec.Struct, gc=False):
     run_id: str
     phase: str

@@ -742,8 +742,14 @@ def test_lease_expiry_returns_the_task_to_the_queue(short_lease: Etherd) -> None
 
         run2 = claim(server, tid)["run_id"]
         assert run2 != run1
+        # Under the new run too, the run whose lease lapsed hears why it lost the task.
         refused(
-            harness(server, "POST", f"{tid}/steps", step_body(run1, "late")), 409, "run_mismatch"
+            harness(server, "POST", f"{tid}/steps", step_body(run1, "late")), 409, "lease_expired"
+        )
+        refused(
+            harness(server, "POST", f"{tid}/steps", step_body("run_other", "x")),
+            409,
+            "run_mismatch",
         )
         ok(harness(server, "POST", f"{tid}/steps", step_body(run2, "fresh run")))
         ok(harness(server, "POST", f"{tid}/result", {"run_id": run2, "status": "no_changes"}))
@@ -764,13 +770,9 @@ def test_lease_expiry_returns_the_task_to_the_queue(short_lease: Etherd) -> None
         assert claim(server, tid)["bundle"]["answers"][0]["answer"] == "yes"
 
     # Checked last so the rest of the test runs either way: a run whose lease expired and
-    # was swept must be told its run is over, not that the task is in the wrong status.
-    assert stale_step.status == 409 and stale_step.code in {"lease_expired", "run_mismatch"}, (
-        stale_step
-    )
-    assert stale_beat.status == 409 and stale_beat.code in {"lease_expired", "run_mismatch"}, (
-        stale_beat
-    )
+    # was swept must be told exactly that, not that the task is in the wrong status.
+    assert stale_step.status == 409 and stale_step.code == "lease_expired", stale_step
+    assert stale_beat.status == 409 and stale_beat.code == "lease_expired", stale_beat
 
 
 # ==========================================================================================
@@ -1309,12 +1311,22 @@ def test_cancel(server: Etherd, running: tuple[str, str]) -> None:
     refused(api(server, "POST", f"/api/tasks/{tid}/cancel", {}), 409, "invalid_transition")
     assert freeze(server, tid) == before
 
-    busy, _ = running
+    # A running task is cancelled too; its harness hears it on its next call.
+    busy, run_id = running
+    with Watcher(server, ALICE) as alice:
+        assert alice.subscribe([f"tasks/{busy}"])["errors"] == []
+        assert ok(api(server, "POST", f"/api/tasks/{busy}/cancel", {}))["status"] == "cancelled"
+        line = alice.wait("task.timeline", topic=f"tasks/{busy}", kind="cancelled")
+        assert line["entry"]["run_id"] == run_id
     before = freeze(server, busy)
-    message = refused(
-        api(server, "POST", f"/api/tasks/{busy}/cancel", {}), 409, "invalid_transition"
-    )
-    assert "running" in message
+    for path, body in (
+        ("heartbeat", {"run_id": run_id}),
+        ("steps", step_body(run_id, "still going")),
+        ("interrupt", {"run_id": run_id, "question": "Go on?"}),
+        ("result", {"run_id": run_id, "status": "submitted"}),
+    ):
+        message = refused(harness(server, "POST", f"{busy}/{path}", body), 409, "cancelled")
+        assert "cancelled by its owner" in message
     assert freeze(server, busy) == before
 
 

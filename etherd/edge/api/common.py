@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Awaitable, Callable
-from typing import NamedTuple, TypeVar
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Final, Literal, NamedTuple, TypeVar
 
 import msgspec
 
@@ -24,13 +24,21 @@ from etherd.edge.http.response import Headers, Response, Result, error_response
 from etherd.edge.http.router import LabelledRouter
 
 __all__ = [
+    "HARNESS_APP",
+    "IDEMPOTENCY_KEY",
+    "MAX_INT",
+    "TOKEN_QUERY",
+    "Answered",
+    "Body",
     "Dispatcher",
     "Handler",
+    "Param",
     "Route",
     "answer_of",
     "authenticate",
     "decode_json",
     "idempotency",
+    "int_query",
     "json_response",
 ]
 
@@ -40,8 +48,34 @@ T = TypeVar("T")
 Handler = Callable[[Request, dict[str, str]], Awaitable[Result]]
 
 
+class Param(NamedTuple):
+    """A query, header or path parameter, as the OpenAPI document shows it."""
+
+    name: str
+    location: Literal["query", "header", "path"]
+    schema: Mapping[str, Any]
+    required: bool = False
+    description: str = ""
+
+
+class Body(NamedTuple):
+    """A response body that is not a JSON Struct: its media type and, if any, its schema."""
+
+    media_type: str
+    schema: Mapping[str, Any] | None = None
+
+
+# What a status answers: a Struct type (JSON), a ``Body``, or None (no body).
+Answered = type | Body | None
+
+
 class Route(NamedTuple):
-    """One entry of the route table.
+    """One entry of the route table, with what the OpenAPI document needs to describe it.
+
+    ``body`` is the request body's Struct (``body_required`` says whether it may be left
+    out); ``responses`` maps each success status to what it answers; ``errors`` lists the
+    error statuses beyond those every route can answer (``edge.api.openapi`` adds 400, 408,
+    413, 431 and 503, and 401/403 when ``auth``).
 
     ``streams``: the route may answer with a ``Stream`` or an ``Upgrade`` (it takes the
     connection over), so pipelined requests after it wait until it has answered.
@@ -51,6 +85,45 @@ class Route(NamedTuple):
     template: str
     handler: Handler
     streams: bool = False
+    summary: str = ""
+    body: type | None = None
+    body_required: bool = True
+    responses: Mapping[int, Answered] | None = None
+    errors: tuple[int, ...] = ()
+    params: tuple[Param, ...] = ()
+    auth: bool = True
+    tag: str = ""
+
+
+# Parameters many routes share.
+IDEMPOTENCY_KEY: Final = Param(
+    "Idempotency-Key",
+    "header",
+    {"type": "string", "minLength": 1, "maxLength": 255},
+    description="A retry with the same key and body answers the first answer and stores "
+    "nothing new (http.max_idempotency_key_chars)",
+)
+HARNESS_APP: Final = Param(
+    "X-Ether-Harness-App",
+    "header",
+    {"type": "string", "minLength": 1},
+    required=True,
+    description="The harness app id (auth.harness_apps may restrict it)",
+)
+TOKEN_QUERY: Final = Param(
+    "token",
+    "query",
+    {"type": "string"},
+    description="The bearer token, for clients that cannot set headers (browsers)",
+)
+# Offsets and counts are 63-bit integers: the stores keep 64-bit signed numbers.
+MAX_INT: Final = 2**63 - 1
+
+
+def int_query(name: str, description: str) -> Param:
+    """A non-negative integer query parameter."""
+    schema = {"type": "integer", "minimum": 0, "maximum": MAX_INT}
+    return Param(name, "query", schema, description=description)
 
 
 class Dispatcher:

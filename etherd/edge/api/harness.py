@@ -15,18 +15,33 @@ from collections.abc import Callable
 from etherd.core.auth import Authenticator, Principal, Role, check_harness_app
 from etherd.core.errors import Refusal
 from etherd.core.tasks import Action, Claim, Heartbeat, Interrupt, Result, Step, Task
-from etherd.core.wire import ENCODER, ClaimBody, InterruptBody, ResultBody, RunBody, StepBody
+from etherd.core.wire import (
+    ENCODER,
+    ClaimBody,
+    HeartbeatBody,
+    InterruptBody,
+    ResultBody,
+    StepBody,
+)
 from etherd.edge.api.common import (
+    HARNESS_APP,
+    IDEMPOTENCY_KEY,
     Route,
     answer_of,
     authenticate,
     decode_json,
     idempotency,
+    int_query,
     json_response,
 )
 from etherd.edge.api.tasks import int_param
 from etherd.edge.api.taskviews import (
+    Bundle,
     ClaimablePage,
+    ClaimView,
+    HeartbeatView,
+    ResultView,
+    RunView,
     bundle,
     claim_view,
     claimable_item,
@@ -69,14 +84,83 @@ class HarnessRoutes:
 
     def routes(self) -> list[Route]:
         """The route table entries."""
+        tag = "harness"
+        posted = (HARNESS_APP, IDEMPOTENCY_KEY)
         return [
-            Route("GET", f"{H}/claimable", lambda req, p: self.claimable(req)),
-            Route("GET", f"{H}/{{id}}/execution", lambda req, p: self.preview(req, p["id"])),
-            Route("POST", f"{H}/{{id}}/claim", lambda req, p: self.claim(req, p["id"])),
-            Route("POST", f"{H}/{{id}}/heartbeat", lambda req, p: self.heartbeat(req, p["id"])),
-            Route("POST", f"{H}/{{id}}/steps", lambda req, p: self.step(req, p["id"])),
-            Route("POST", f"{H}/{{id}}/interrupt", lambda req, p: self.interrupt(req, p["id"])),
-            Route("POST", f"{H}/{{id}}/result", lambda req, p: self.result(req, p["id"])),
+            Route(
+                "GET",
+                f"{H}/claimable",
+                lambda req, p: self.claimable(req),
+                summary="Queued tasks, oldest first",
+                responses={200: ClaimablePage},
+                params=(HARNESS_APP, int_query("limit", "Page size (tasks.max_page_size)")),
+                tag=tag,
+            ),
+            Route(
+                "GET",
+                f"{H}/{{id}}/execution",
+                lambda req, p: self.preview(req, p["id"]),
+                summary="The execution bundle, without claiming",
+                responses={200: Bundle},
+                params=(HARNESS_APP,),
+                tag=tag,
+            ),
+            Route(
+                "POST",
+                f"{H}/{{id}}/claim",
+                lambda req, p: self.claim(req, p["id"]),
+                summary="Claim a queued task: run_id, lease and bundle",
+                body=ClaimBody,
+                body_required=False,
+                responses={200: ClaimView},
+                errors=(409,),
+                params=posted,
+                tag=tag,
+            ),
+            Route(
+                "POST",
+                f"{H}/{{id}}/heartbeat",
+                lambda req, p: self.heartbeat(req, p["id"]),
+                summary="Extend the lease; tells the status and a pending answer",
+                body=HeartbeatBody,
+                responses={200: HeartbeatView},
+                errors=(409,),
+                params=posted,
+                tag=tag,
+            ),
+            Route(
+                "POST",
+                f"{H}/{{id}}/steps",
+                lambda req, p: self.step(req, p["id"]),
+                summary="Report a step (os.harness.step)",
+                body=StepBody,
+                responses={200: RunView},
+                errors=(409,),
+                params=posted,
+                tag=tag,
+            ),
+            Route(
+                "POST",
+                f"{H}/{{id}}/interrupt",
+                lambda req, p: self.interrupt(req, p["id"]),
+                summary="Ask the user a question; the run stays alive",
+                body=InterruptBody,
+                responses={200: RunView},
+                errors=(409,),
+                params=posted,
+                tag=tag,
+            ),
+            Route(
+                "POST",
+                f"{H}/{{id}}/result",
+                lambda req, p: self.result(req, p["id"]),
+                summary="Post the execution result; ends the run",
+                body=ResultBody,
+                responses={200: ResultView},
+                errors=(409,),
+                params=posted,
+                tag=tag,
+            ),
         ]
 
     def _caller(self, request: Request) -> tuple[Principal, str]:
@@ -149,14 +233,16 @@ class HarnessRoutes:
     async def heartbeat(self, request: Request, task_id: str) -> Response:
         """``POST .../heartbeat``: extend the lease; tells the status and any answer."""
         principal, _ = self._caller(request)
-        body = decode_json(request, RunBody)
+        body = decode_json(request, HeartbeatBody)
         at = now_ms()
         lease_ms = self._lease_ms()
         return await self._change(
             request,
             principal,
             task_id,
-            lambda: Heartbeat(run_id=body.run_id, now_ms=at, lease_ms=lease_ms),
+            lambda: Heartbeat(
+                run_id=body.run_id, now_ms=at, lease_ms=lease_ms, answer_seen=body.answer_seen
+            ),
             _view(heartbeat_view),
         )
 

@@ -11,7 +11,8 @@ import msgspec
 from etherd.core.auth import Authenticator, Principal
 from etherd.core.errors import Refusal
 from etherd.core.rfc3339 import rfc3339_ms
-from etherd.edge.api.common import Route, authenticate, json_response
+from etherd.edge.api.common import Body, Route, authenticate, json_response
+from etherd.edge.api.shapes import ClusterStatus, Health, Ready
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response
 from etherd.edge.ops.metrics import CONTENT_TYPE, Metrics
@@ -85,16 +86,47 @@ class OpsRoutes:
 
     def routes(self) -> list[Route]:
         """The route table entries."""
+        ops = "operations"
         return [
-            Route("GET", "/healthz", lambda req, p: self.healthz(req)),
-            Route("GET", "/readyz", lambda req, p: self.readyz(req)),
-            Route("GET", "/metrics", lambda req, p: self.metrics_text(req)),
-            Route("GET", "/api/admin/stats", lambda req, p: self.admin_stats(req)),
+            Route(
+                "GET",
+                "/healthz",
+                lambda req, p: self.healthz(req),
+                summary="Alive: the event loop turns",
+                responses={200: Health},
+                auth=False,
+                tag=ops,
+            ),
+            Route(
+                "GET",
+                "/readyz",
+                lambda req, p: self.readyz(req),
+                summary="Ready: the store answers and etherd is not draining",
+                responses={200: Ready},
+                auth=False,
+                tag=ops,
+            ),
+            Route(
+                "GET",
+                "/metrics",
+                lambda req, p: self.metrics_text(req),
+                summary="Prometheus metrics (admin token unless metrics.require_admin = false)",
+                responses={200: Body("text/plain", {"type": "string"})},
+                tag=ops,
+            ),
+            Route(
+                "GET",
+                "/api/admin/stats",
+                lambda req, p: self.admin_stats(req),
+                summary="What the operator view shows: connections, topics, rates, the store",
+                responses={200: Stats},
+                tag=ops,
+            ),
         ]
 
     async def healthz(self, request: Request) -> Response:
         """Alive: the loop turns and answers."""
-        return json_response(200, {"status": "ok"})
+        return json_response(200, Health())
 
     async def readyz(self, request: Request) -> Response:
         """Ready: the store answers and the server is not draining."""
@@ -103,20 +135,17 @@ class OpsRoutes:
         if not self.eventlog.is_up:
             raise Refusal("not_ready", "the event log is unavailable")
         await self.eventlog.ping()
-        body: dict[str, object] = {"status": "ready", "epoch": self.eventlog.epoch}
         bus = self.stats.bus
+        cluster = None
         if bus is not None:
-            # Degraded is still ready: the node serves its own subscribers and commits.
-            cluster: dict[str, object] = {
-                "bus": "connected" if bus.connected else "degraded",
-                "node": bus.node,
-                "peers": bus.peers,
-                "leader": self.stats.leading,
-            }
-            if not bus.connected:
-                cluster["reason"] = bus.reason
-            body["cluster"] = cluster
-        return json_response(200, body)
+            cluster = ClusterStatus(
+                bus="connected" if bus.connected else "degraded",
+                node=bus.node,
+                peers=bus.peers,
+                leader=self.stats.leading,
+                reason="" if bus.connected else bus.reason,
+            )
+        return json_response(200, Ready(status="ready", epoch=self.eventlog.epoch, cluster=cluster))
 
     async def metrics_text(self, request: Request) -> Response:
         """``GET /metrics``: needs an admin token when ``metrics.require_admin`` is true."""

@@ -11,7 +11,14 @@ from etherd.core.auth import Authenticator
 from etherd.core.errors import Refusal
 from etherd.core.events import StoredEvent
 from etherd.core.wire import ENCODER, PublishAnswer, PublishBody, PublishedItem, PublishEvent
-from etherd.edge.api.common import Route, answer_of, authenticate, decode_json, idempotency
+from etherd.edge.api.common import (
+    IDEMPOTENCY_KEY,
+    Route,
+    answer_of,
+    authenticate,
+    decode_json,
+    idempotency,
+)
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response
 from etherd.services.eventlog import AlreadyAnswered
@@ -31,7 +38,19 @@ class PublishRoutes:
 
     def routes(self) -> list[Route]:
         """The route table entries."""
-        return [Route("POST", "/api/publish", lambda req, p: self.publish(req))]
+        return [
+            Route(
+                "POST",
+                "/api/publish",
+                lambda req, p: self.publish(req),
+                summary="Publish one event or a batch (service and admin tokens)",
+                body=PublishBody,
+                responses={200: PublishAnswer},
+                errors=(409,),
+                params=(IDEMPOTENCY_KEY,),
+                tag="realtime",
+            )
+        ]
 
     async def publish(self, request: Request) -> Response:
         """One event or a batch; durable ones answer after the commit."""

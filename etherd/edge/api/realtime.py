@@ -16,7 +16,16 @@ import msgspec
 from etherd.core.auth import DEV_TOKEN, Authenticator, Role
 from etherd.core.errors import Refusal
 from etherd.core.topics import TopicError, is_pattern, validate_pattern, validate_topic
-from etherd.edge.api.common import Route, authenticate, json_response
+from etherd.edge.api.common import (
+    TOKEN_QUERY,
+    Body,
+    Param,
+    Route,
+    authenticate,
+    int_query,
+    json_response,
+)
+from etherd.edge.api.shapes import RealtimeClientConfig
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response, Stream, Upgrade
 from etherd.edge.http.sse import SseStream
@@ -37,21 +46,66 @@ class RealtimeRoutes:
     def routes(self) -> list[Route]:
         """The route table entries (the echo endpoint only when ``ws.echo_path`` is set)."""
         table = [
-            Route("GET", "/api/realtime", lambda req, p: self.upgrade(req), streams=True),
-            Route("GET", "/api/realtime/config", lambda req, p: self.client_config(req)),
             Route(
-                "GET", "/api/topics/{topic}/presence", lambda req, p: self.presence(req, p["topic"])
+                "GET",
+                "/api/realtime",
+                lambda req, p: self.upgrade(req),
+                streams=True,
+                summary="The WebSocket upgrade (see docs/protocol.md for the messages)",
+                responses={101: None},
+                errors=(426, 429),
+                params=(TOKEN_QUERY,),
+                tag="realtime",
+            ),
+            Route(
+                "GET",
+                "/api/realtime/config",
+                lambda req, p: self.client_config(req),
+                summary="How clients should connect",
+                responses={200: RealtimeClientConfig},
+                auth=False,
+                tag="realtime",
+            ),
+            Route(
+                "GET",
+                "/api/topics/{topic}/presence",
+                lambda req, p: self.presence(req, p["topic"]),
+                summary="Subscribers of a topic, per node (its slashes percent-encoded)",
+                responses={200: PresenceView},
+                tag="realtime",
             ),
             Route(
                 "GET",
                 "/api/events",
                 lambda req, p: self.events(req, req.param("topic")),
                 streams=True,
+                summary="Server-Sent Events of one topic or pattern",
+                responses={200: Body("text/event-stream", {"type": "string"})},
+                errors=(422,),
+                params=(
+                    Param("topic", "query", {"type": "string", "minLength": 1}, required=True),
+                    int_query("since", "Replay events after this offset first"),
+                    Param("Last-Event-ID", "header", {"type": "string"}),
+                    TOKEN_QUERY,
+                ),
+                tag="realtime",
             ),
         ]
         echo_path = self.realtime.config.ws.echo_path
         if echo_path:
-            table.append(Route("GET", echo_path, lambda req, p: self.echo(req), streams=True))
+            table.append(
+                Route(
+                    "GET",
+                    echo_path,
+                    lambda req, p: self.echo(req),
+                    streams=True,
+                    summary="WebSocket echo peer for the conformance suite",
+                    responses={101: None},
+                    errors=(426,),
+                    auth=False,
+                    tag="realtime",
+                )
+            )
         return table
 
     async def upgrade(self, request: Request) -> Upgrade:
@@ -92,16 +146,17 @@ class RealtimeRoutes:
         config = self.realtime.config
         base = config.public_url
         ws_base = "ws" + base[4:] if base.startswith("http") else base
-        body: dict[str, object] = {
-            "prefer_websocket": config.realtime.prefer_websocket,
-            "websocket_url": ws_base + "/api/realtime",
-            "sse_url": base + "/api/events",
-            "replay_max_events": config.realtime.replay_max_events,
-        }
-        if config.dev_auth:
-            # Only ever on a loopback listener: lets the browser UI work at once.
-            body["dev_token"] = DEV_TOKEN
-        return json_response(200, body)
+        return json_response(
+            200,
+            RealtimeClientConfig(
+                prefer_websocket=config.realtime.prefer_websocket,
+                websocket_url=ws_base + "/api/realtime",
+                sse_url=base + "/api/events",
+                replay_max_events=config.realtime.replay_max_events,
+                # Only ever on a loopback listener: lets the browser UI work at once.
+                dev_token=DEV_TOKEN if config.dev_auth else None,
+            ),
+        )
 
     async def presence(self, request: Request, topic: str) -> Response:
         """Subscribers of a topic across the cluster, per node (service and admin tokens).

@@ -20,15 +20,30 @@ from etherd.core.errors import Refusal
 from etherd.core.tasks import Action, Answer, Cancel, Create, Task, task_topic
 from etherd.core.wire import ENCODER, AnswerBody, CreateTaskBody
 from etherd.edge.api.common import (
+    IDEMPOTENCY_KEY,
+    MAX_INT,
+    TOKEN_QUERY,
+    Body,
+    Param,
     Route,
     answer_of,
     authenticate,
     decode_json,
     idempotency,
+    int_query,
     json_response,
 )
 from etherd.edge.api.realtime import RealtimeRoutes
-from etherd.edge.api.taskviews import ActivityPage, activity_item, task_view
+from etherd.edge.api.taskviews import (
+    ActivityPage,
+    DeliveryView,
+    TaskView,
+    TimelineItem,
+    TimelinePage,
+    activity_item,
+    delivery_view,
+    task_view,
+)
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response, Stream
 from etherd.services.eventlog import EventLog
@@ -43,8 +58,11 @@ def int_param(request: Request, name: str, default: int) -> int:
     text = request.param(name)
     if text is None or text == "":
         return default
-    if not text.isdigit():
-        raise Refusal("bad_request", f"{name} must be a non-negative integer, got {text[:40]!r}")
+    if not text.isdigit() or len(text) > 19 or int(text) > MAX_INT:
+        raise Refusal(
+            "bad_request",
+            f"{name} must be a non-negative integer below 2^63, got {text[:40]!r}",
+        )
     return int(text)
 
 
@@ -88,20 +106,97 @@ class TaskRoutes:
 
     def routes(self) -> list[Route]:
         """The route table entries."""
+        tag = "tasks"
+        changed = {200: TaskView}
         return [
-            Route("POST", "/api/tasks", lambda req, p: self.create(req)),
-            Route("GET", "/api/tasks/{id}", lambda req, p: self.get(req, p["id"])),
-            Route("GET", "/api/tasks/{id}/delivery", lambda req, p: self.delivery(req, p["id"])),
-            Route("GET", "/api/tasks/{id}/timeline", lambda req, p: self.timeline(req, p["id"])),
+            Route(
+                "POST",
+                "/api/tasks",
+                lambda req, p: self.create(req),
+                summary="Create a task (owner: the caller, or any for service and admin)",
+                body=CreateTaskBody,
+                responses={201: TaskView},
+                errors=(409,),
+                params=(IDEMPOTENCY_KEY,),
+                tag=tag,
+            ),
+            Route(
+                "GET",
+                "/api/tasks/{id}",
+                lambda req, p: self.get(req, p["id"]),
+                summary="The task as a page needs it on load",
+                responses=changed,
+                tag=tag,
+            ),
+            Route(
+                "GET",
+                "/api/tasks/{id}/delivery",
+                lambda req, p: self.delivery(req, p["id"]),
+                summary="The persisted delivery card (404 before there is one)",
+                responses={200: DeliveryView},
+                tag=tag,
+            ),
+            Route(
+                "GET",
+                "/api/tasks/{id}/timeline",
+                lambda req, p: self.timeline(req, p["id"]),
+                summary="Timeline entries after an offset",
+                responses={200: TimelinePage},
+                params=(
+                    int_query("since", "Entries of events after this offset (default 0)"),
+                    int_query("limit", "At most this many (tasks.max_timeline_page)"),
+                ),
+                tag=tag,
+            ),
             Route(
                 "GET",
                 "/api/tasks/{id}/events",
                 lambda req, p: self.events(req, p["id"]),
                 streams=True,
+                summary="The task's events as Server-Sent Events",
+                responses={200: Body("text/event-stream", {"type": "string"})},
+                params=(
+                    int_query("since", "Replay events after this offset first"),
+                    Param("Last-Event-ID", "header", {"type": "string"}),
+                    TOKEN_QUERY,
+                ),
+                errors=(422,),
+                tag=tag,
             ),
-            Route("POST", "/api/tasks/{id}/answer", lambda req, p: self.answer(req, p["id"])),
-            Route("POST", "/api/tasks/{id}/cancel", lambda req, p: self.cancel(req, p["id"])),
-            Route("GET", "/api/activity", lambda req, p: self.activity(req)),
+            Route(
+                "POST",
+                "/api/tasks/{id}/answer",
+                lambda req, p: self.answer(req, p["id"]),
+                summary="Answer the question the task asks; answers the task",
+                body=AnswerBody,
+                responses=changed,
+                errors=(409,),
+                params=(IDEMPOTENCY_KEY,),
+                tag=tag,
+            ),
+            Route(
+                "POST",
+                "/api/tasks/{id}/cancel",
+                lambda req, p: self.cancel(req, p["id"]),
+                summary="Cancel a queued, running or parked task; answers the task",
+                responses=changed,
+                errors=(409,),
+                params=(IDEMPOTENCY_KEY,),
+                tag=tag,
+            ),
+            Route(
+                "GET",
+                "/api/activity",
+                lambda req, p: self.activity(req),
+                summary="The caller's tasks, newest change first",
+                responses={200: ActivityPage},
+                params=(
+                    int_query("limit", "Page size (tasks.max_page_size)"),
+                    Param("cursor", "query", {"type": "string"}, description="next_cursor"),
+                    Param("owner", "query", {"type": "string"}, description="service/admin"),
+                ),
+                tag=tag,
+            ),
         ]
 
     def _principal(self, request: Request) -> Principal:
@@ -175,9 +270,7 @@ class TaskRoutes:
         task = await self._readable(request, task_id)
         if task.delivery is None:
             raise Refusal("not_found", f"task {task_id} has no delivery yet (status {task.status})")
-        body = msgspec.to_builtins(task.delivery)
-        body["task_id"] = task.id
-        return json_response(200, body)
+        return json_response(200, delivery_view(task, task.delivery))
 
     async def timeline(self, request: Request, task_id: str) -> Response:
         """``GET /api/tasks/{id}/timeline?since=&limit=``: timeline entries with offsets.
@@ -192,7 +285,7 @@ class TaskRoutes:
         if limit < 1:
             raise Refusal("bad_request", "limit must be at least 1")
         topic = task_topic(task_id)
-        entries: list[dict[str, object]] = []
+        entries: list[TimelineItem] = []
         last = since
         scanned = 0
         chunk = max(limit, 100)
@@ -207,10 +300,12 @@ class TaskRoutes:
                 scanned += 1
                 if ev.event == "task.timeline":
                     data = msgspec.json.decode(ev.data)
-                    entries.append({"offset": ev.offset, **data["entry"]})
+                    entries.append(
+                        msgspec.convert({"offset": ev.offset, **data["entry"]}, TimelineItem)
+                    )
                     if len(entries) >= limit:
                         break
-        return json_response(200, {"task_id": task_id, "entries": entries, "next": last})
+        return json_response(200, TimelinePage(task_id=task_id, entries=entries, next=last))
 
     async def events(self, request: Request, task_id: str) -> Stream:
         """``GET /api/tasks/{id}/events``: the task's SSE stream.

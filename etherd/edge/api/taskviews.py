@@ -11,7 +11,7 @@ from typing import Any, Final
 
 import msgspec
 
-from etherd.core.delivery import Delivery
+from etherd.core.delivery import Block, Delivery, OutcomeStatus
 from etherd.core.rfc3339 import rfc3339_ms
 from etherd.core.tasks import AnswerEntry, LastStep, Status, Task, task_topic
 
@@ -24,10 +24,13 @@ __all__ = [
     "ClaimView",
     "ClaimableItem",
     "ClaimablePage",
+    "DeliveryView",
     "HeartbeatView",
     "ResultView",
     "RunView",
     "TaskView",
+    "TimelineItem",
+    "TimelinePage",
     "bundle",
     "claim_view",
     "heartbeat_view",
@@ -43,8 +46,13 @@ def _at(ms: int | None) -> str | None:
 
 
 class TaskView(msgspec.Struct, kw_only=True):
-    """``GET /api/tasks/{id}``: everything a page needs on load."""
+    """``GET /api/tasks/{id}``: everything a page needs on load.
 
+    ``task_id`` names the task as every other body does; ``id`` carries the same value for
+    clients written before ``task_id`` was added.
+    """
+
+    task_id: str
     id: str
     owner: str
     title: str
@@ -72,6 +80,7 @@ class TaskView(msgspec.Struct, kw_only=True):
 def task_view(task: Task) -> TaskView:
     """The page's view of a task."""
     return TaskView(
+        task_id=task.id,
         id=task.id,
         owner=task.owner,
         title=task.title,
@@ -95,6 +104,45 @@ def task_view(task: Task) -> TaskView:
         lease_expires_at=_at(task.lease_expires_ms),
         topic=task_topic(task.id),
     )
+
+
+class DeliveryView(msgspec.Struct, kw_only=True):
+    """``GET /api/tasks/{id}/delivery``: the persisted delivery card."""
+
+    task_id: str
+    blocks: list[Block]
+    status: OutcomeStatus
+    # RFC 3339 UTC with milliseconds: when the result was accepted.
+    at: str
+
+
+def delivery_view(task: Task, delivery: Delivery) -> DeliveryView:
+    """A task's delivery as ``GET /api/tasks/{id}/delivery`` answers it."""
+    return DeliveryView(
+        task_id=task.id, blocks=delivery.blocks, status=delivery.status, at=delivery.at
+    )
+
+
+class TimelineItem(msgspec.Struct, kw_only=True, omit_defaults=True):
+    """One timeline entry with the offset of the ``task.timeline`` event that carried it."""
+
+    offset: int
+    kind: str
+    at: str
+    summary: str
+    # The task's status after this entry.
+    status: Status
+    run_id: str | None = None
+    phase: str | None = None
+    result: str | None = None
+
+
+class TimelinePage(msgspec.Struct, kw_only=True):
+    """``GET /api/tasks/{id}/timeline``: entries after ``since``; ``next`` continues."""
+
+    task_id: str
+    entries: list[TimelineItem]
+    next: int
 
 
 class ActivityItem(msgspec.Struct, kw_only=True):

@@ -23,7 +23,7 @@ import msgspec
 from etherd.core.auth import Authenticator
 from etherd.core.errors import Refusal
 from etherd.core.rfc3339 import rfc3339_ms
-from etherd.edge.api.common import Route, authenticate, json_response
+from etherd.edge.api.common import Body, Route, authenticate, json_response
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Response
 
@@ -95,10 +95,42 @@ class WebRoutes:
     def routes(self) -> list[Route]:
         """The route table entries."""
         return [
-            Route("GET", "/", lambda req, p: self.static(req, "index.html")),
-            Route("GET", "/client.js", lambda req, p: self.static(req, "client.js")),
-            Route("GET", "/web/{name}", lambda req, p: self.static(req, p["name"])),
-            Route("GET", "/api/whoami", lambda req, p: self.whoami(req)),
+            Route(
+                "GET",
+                "/",
+                lambda req, p: self.static(req, "index.html"),
+                summary="The browser UI: task board, task page and operator view",
+                responses={200: Body("text/html", {"type": "string"})},
+                auth=False,
+                tag="web",
+            ),
+            Route(
+                "GET",
+                "/client.js",
+                lambda req, p: self.static(req, "client.js"),
+                summary="The realtime client module (resume, SSE fallback, backoff)",
+                responses={200: Body("text/javascript", {"type": "string"})},
+                auth=False,
+                tag="web",
+            ),
+            Route(
+                "GET",
+                "/web/{name}",
+                lambda req, p: self.static(req, p["name"]),
+                summary="The browser UI's other modules, styles and images",
+                responses={200: Body("application/octet-stream", {"type": "string"})},
+                errors=(404,),
+                auth=False,
+                tag="web",
+            ),
+            Route(
+                "GET",
+                "/api/whoami",
+                lambda req, p: self.whoami(req),
+                summary="The caller's subject, role and token expiry",
+                responses={200: WhoAmI},
+                tag="web",
+            ),
         ]
 
     async def static(self, request: Request, name: str) -> Response:

@@ -42,6 +42,7 @@ STATUS: Final[dict[str, int]] = {
     "conflict": 409,
     "run_mismatch": 409,
     "lease_expired": 409,
+    "cancelled": 409,
     "invalid_transition": 409,
     "already_claimed": 409,
     "idempotency_conflict": 409,

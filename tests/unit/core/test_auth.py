@@ -458,12 +458,59 @@ def test_secret_that_is_a_pem_key(keys: KeyFiles) -> None:
         auth(secret=keys.rsa_public_pem.decode())
 
 
-def test_short_secret_is_noted_and_works_without_warnings() -> None:
-    a = auth(secret="short", require_exp=False)
-    assert len(a.notes) == 1 and "auth.secret is 5 bytes" in a.notes[0]
+def test_short_secret_is_refused_with_the_reason() -> None:
+    with pytest.raises(ConfigError, match=r"auth\.secret is 5 bytes; HS256 needs at least 32"):
+        auth(secret="short")
+    exactly = "x" * 32
+    a = auth(secret=exactly, require_exp=False)
     # pytest turns warnings into errors: PyJWT's per-token key length warning is off.
     assert a.verify(a.issue("u1", Role.USER, 60, None)).sub == "u1"
-    assert auth(secret=SECRET).notes == ()
+    assert a.notes == ()
+
+
+# --- the development key ------------------------------------------------------------
+
+DEV_KEY = b"d" * 64
+
+
+def dev_auth(dev: bool, **kwargs: Any) -> Authenticator:
+    config = AuthConfig(**kwargs)
+    return Authenticator(config, dev=dev, dev_secret=DEV_KEY, now=clock)
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_development_key_signs_and_verifies_every_role(role: Role) -> None:
+    a = dev_auth(True)
+    token = a.issue("h1", role, 60, None)
+    principal = a.verify(token)
+    assert (principal.sub, principal.role) == ("h1", role)
+    assert a.verify("test").role is Role.ADMIN  # the token ``test`` keeps working
+
+
+def test_the_development_key_is_valid_only_in_development_mode() -> None:
+    token = dev_auth(True).issue("h1", Role.HARNESS, 60, None)
+    off = dev_auth(False)
+    assert "no auth.secret" in refused(off, token)
+    with pytest.raises(ConfigError, match="cannot sign tokens"):
+        off.issue("h1", Role.HARNESS, 60, None)
+    # With a configured secret as well, that secret signs and both verify.
+    both = dev_auth(True, secret=SECRET)
+    assert both.verify(token).sub == "h1"
+    assert both.verify(hs(claims())).sub == "u1"
+    assert dev_auth(True, secret=SECRET).issue("u", Role.USER, 60, None) == jwt.encode(
+        {"sub": "u", "role": "user", "iat": int(NOW), "exp": int(NOW) + 60}, SECRET, "HS256"
+    )
+    assert "against the configured auth.secret or the development key" in refused(
+        both, hs(claims(), secret="another-secret-" + "x" * 32)
+    )
+    # Once development mode goes off (a reload), its tokens stop verifying.
+    both.reload(AuthConfig(secret=SECRET), dev=False, dev_secret=DEV_KEY)
+    assert "against the configured auth.secret" in refused(both, token)
+
+
+def test_a_short_development_key_is_refused() -> None:
+    with pytest.raises(ConfigError, match="development key is 5 bytes"):
+        Authenticator(AuthConfig(), dev=True, dev_secret=b"short")
 
 
 # --- development mode ----------------------------------------------------------------

@@ -98,9 +98,25 @@ def test_dev_auth_rules() -> None:
     assert load(None, env={"ETHERD_AUTH_SECRET": "s" * 40}).dev_auth is False
     both = {"ETHERD_AUTH_SECRET": "s" * 40, "ETHERD_AUTH_DEV": "true"}
     assert load(None, env=both).dev_auth is True
-    assert load(None, env={"ETHERD_SERVER_HOST": "0.0.0.0"}).dev_auth is False
+    network = {"ETHERD_SERVER_HOST": "0.0.0.0", "ETHERD_AUTH_SECRET": "s" * 40}
+    assert load(None, env=network).dev_auth is False
     with pytest.raises(ConfigError, match="loopback"):
-        load(None, env={"ETHERD_SERVER_HOST": "0.0.0.0", "ETHERD_AUTH_DEV": "true"})
+        load(None, env={**network, "ETHERD_AUTH_DEV": "true"})
+
+
+def test_a_network_listener_without_keys_is_refused_in_one_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(None, env={"ETHERD_SERVER_HOST": "0.0.0.0"})
+    message = str(info.value)
+    assert "\n" not in message
+    assert "'0.0.0.0'" in message and "auth.secret" in message and "auth.public_keys" in message
+
+
+@pytest.mark.parametrize("size", [1, 5, 31])
+def test_a_short_secret_is_refused_at_load(size: int) -> None:
+    with pytest.raises(ConfigError, match=f"auth.secret is {size} bytes; HS256 needs at least 32"):
+        load(None, env={"ETHERD_AUTH_SECRET": "s" * size})
+    assert load(None, env={"ETHERD_AUTH_SECRET": "s" * 32}).auth.secret == "s" * 32
 
 
 def test_store_url_default_and_check() -> None:

@@ -146,9 +146,19 @@ ACTIONS: dict[str, Action] = {
     "expire": Expire(now_ms=NOW),
 }
 
+RUN_BOUND: list[Callable[[str, int], Action]] = [
+    lambda run, now: Heartbeat(run_id=run, now_ms=now, lease_ms=LEASE),
+    lambda run, now: Step(run_id=run, phase="p", user_message="m", now_ms=now),
+    lambda run, now: Interrupt(run_id=run, question="q", now_ms=now),
+    lambda run, now: Result(run_id=run, status="submitted", now_ms=now),
+]
+
+
 OK = "ok"
 INV = "invalid_transition"
 MISMATCH = "run_mismatch"
+CANCELLED = "cancelled"
+RUN_CALLS = ("heartbeat", "step", "interrupt", "result")
 # The whole status x action matrix, written out by hand (not derived from the table).
 MATRIX: dict[str, dict[str, str]] = {
     "queued": {
@@ -171,7 +181,7 @@ MATRIX: dict[str, dict[str, str]] = {
         "interrupt": OK,
         "answer": INV,
         "result": OK,
-        "cancel": INV,
+        "cancel": OK,
         "expire": "conflict",
     },
     "interrupted_live": {
@@ -199,7 +209,12 @@ MATRIX: dict[str, dict[str, str]] = {
     },
     **{
         final: {name: "conflict" if name == "create" else INV for name in ACTIONS}
-        for final in ("completed", "failed", "cancelled")
+        for final in ("completed", "failed")
+    },
+    # Every run call on a cancelled task tells the harness why its run is over.
+    "cancelled": {
+        name: "conflict" if name == "create" else CANCELLED if name in RUN_CALLS else INV
+        for name in ACTIONS
     },
 }
 
@@ -252,7 +267,7 @@ def test_matrix_agrees_with_the_table() -> None:
     in_table = {
         (status_of[state], name)
         for state, name, code in CELLS
-        if code != INV and (state, name) not in BEFORE_THE_TABLE
+        if code not in (INV, CANCELLED) and (state, name) not in BEFORE_THE_TABLE
     }
     in_table -= {(status_of[state], "create") for state in STATES}
     assert in_table == table
@@ -267,10 +282,10 @@ def test_matrix_agrees_with_the_table() -> None:
     ("state", "name", "message"),
     [
         (
-            "running",
+            "completed",
             "cancel",
-            "cannot cancel task task_1: it is running "
-            "(cancellable only when queued or interrupted)",
+            "cannot cancel task task_1: it is completed, which is final "
+            "(cancellable only while queued, running or interrupted)",
         ),
         (
             "completed",
@@ -708,15 +723,30 @@ def test_expire_requeues() -> None:
     ]
     entry = data(outcome.events[0])["entry"]
     assert (entry["kind"], entry["run_id"], entry["status"]) == ("lease_expired", RUN, "queued")
-    # The stale harness is refused from then on, and a new claim works.
-    stale = refused(
-        new, Heartbeat(run_id=RUN, now_ms=task.lease_expires_ms + 1, lease_ms=LEASE), MISMATCH
-    )
-    assert "it has no active run" in stale.message
-    again = Claim(
-        app_id="a", holder="h", run_id="run_2", now_ms=task.lease_expires_ms + 1, lease_ms=LEASE
-    )
-    assert apply(new, again).task.attempts == 2
+    # The harness whose lease lapsed hears exactly that from then on, also after a new
+    # claim; any other stale run still hears run_mismatch.
+    later = task.lease_expires_ms + 1
+    for make in RUN_BOUND:
+        stale = refused(new, make(RUN, later), "lease_expired")
+        assert stale.message.startswith(
+            f"the lease of run {RUN} on task {TASK} expired at "
+            f"{rfc3339_ms(task.lease_expires_ms)} and the run ended (the task is queued now)"
+        )
+    refused(new, Heartbeat(run_id="run_x", now_ms=later, lease_ms=LEASE), MISMATCH)
+    again = Claim(app_id="a", holder="h", run_id="run_2", now_ms=later, lease_ms=LEASE)
+    claimed = apply(new, again).task
+    assert claimed.attempts == 2
+    refused(claimed, Step(run_id=RUN, phase="p", user_message="m", now_ms=later), "lease_expired")
+
+
+def test_a_takeover_claim_tells_the_old_run_its_lease_expired() -> None:
+    task = running()
+    assert task.lease_expires_ms is not None
+    later = task.lease_expires_ms + 1
+    taken = apply(
+        task, Claim(app_id="b", holder="h2", run_id="run_2", now_ms=later, lease_ms=LEASE)
+    ).task
+    refused(taken, Heartbeat(run_id=RUN, now_ms=later, lease_ms=LEASE), "lease_expired")
 
 
 def test_expire_while_interrupted_ends_the_run_and_the_answer_requeues() -> None:
@@ -732,7 +762,7 @@ def test_expire_while_interrupted_ends_the_run_and_the_answer_requeues() -> None
     assert answered.task.status is Status.QUEUED
 
 
-@pytest.mark.parametrize("state", ["queued", "interrupted_live", "interrupted_parked"])
+@pytest.mark.parametrize("state", ["queued", "running", "interrupted_live", "interrupted_parked"])
 def test_cancel(state: str) -> None:
     task = STATES[state]()
     outcome = apply(task, Cancel(now_ms=T0 + 4_000))
@@ -743,20 +773,44 @@ def test_cancel(state: str) -> None:
         (TASK_TOPIC, "task.timeline"),
         (ACTIVITY_TOPIC, "activity.list_updated"),
     ]
-    assert data(outcome.events[0])["entry"]["kind"] == "cancelled"
+    entry = data(outcome.events[0])["entry"]
+    assert entry["kind"] == "cancelled"
+    assert entry.get("run_id") == task.run_id
     assert data(outcome.events[1])["status"] == "cancelled"
+
+
+@pytest.mark.parametrize("make", RUN_BOUND)
+def test_the_run_of_a_cancelled_task_hears_cancelled(make: Callable[[str, int], Action]) -> None:
+    new = apply(running(), Cancel(now_ms=T0 + 2_000)).task
+    error = refused(new, make(RUN, T0 + 2_500), CANCELLED)
+    assert STATUS[error.code] == 409
+    assert error.message == (
+        f"task {TASK} was cancelled by its owner; stop working on it (run {RUN} ended)"
+    )
+
+
+def test_an_acknowledged_answer_is_not_repeated() -> None:
+    answered = apply(interrupted_live(), Answer(answer="main", now_ms=T0 + 2_500)).task
+    assert answered.pending_answer is not None and not answered.answer_told
+
+    def beat(task: Task, seen: bool, at: int) -> Task:
+        action = Heartbeat(run_id=RUN, now_ms=at, lease_ms=LEASE, answer_seen=seen)
+        return apply(task, action).task
+
+    # An acknowledgement before any heartbeat told the answer cannot swallow it.
+    told = beat(answered, True, T0 + 2_600)
+    assert told.pending_answer == answered.pending_answer and told.answer_told
+    again = beat(told, False, T0 + 2_700)
+    assert again.pending_answer == answered.pending_answer
+    acked = beat(again, True, T0 + 2_800)
+    assert (acked.pending_answer, acked.answer_told) == (None, False)
+    assert beat(acked, True, T0 + 2_900).pending_answer is None
+    # The answer stays in the history for the next bundle.
+    assert [a.answer for a in acked.answers] == ["main"]
 
 
 # ---------------------------------------------------------------------------------------------
 # Run and lease guards
-
-
-RUN_BOUND: list[Callable[[str, int], Action]] = [
-    lambda run, now: Heartbeat(run_id=run, now_ms=now, lease_ms=LEASE),
-    lambda run, now: Step(run_id=run, phase="p", user_message="m", now_ms=now),
-    lambda run, now: Interrupt(run_id=run, question="q", now_ms=now),
-    lambda run, now: Result(run_id=run, status="submitted", now_ms=now),
-]
 
 
 @pytest.mark.parametrize("make", RUN_BOUND)
@@ -802,9 +856,10 @@ def test_a_stale_run_hears_that_its_run_is_over(
     state: str, make: Callable[[str, int], Action]
 ) -> None:
     """Whatever the status, a run that is not the current one gets run_mismatch, unless the
-    task is final (then nothing is accepted, and the answer is invalid_transition)."""
+    task is final (then nothing is accepted: cancelled on a cancelled task, else
+    invalid_transition)."""
     task = STATES[state]()
-    code = INV if task.status in TERMINAL else MISMATCH
+    code = CANCELLED if state == "cancelled" else INV if task.status in TERMINAL else MISMATCH
     refused(task, make("run_x", T0 + 2_500), code)
 
 
@@ -867,6 +922,7 @@ def test_task_round_trips_through_json() -> None:
 RUN_STATUSES = {Status.RUNNING, Status.INTERRUPTED}
 EXPECTED_CODES = {
     "invalid_transition",
+    "cancelled",
     "run_mismatch",
     "lease_expired",
     "already_claimed",
@@ -1022,13 +1078,20 @@ def test_random_sequences_stay_inside_the_table(data_: st.DataObject) -> None:
             if rule is None:
                 if isinstance(action, Create):
                     expected = "conflict"
+                elif task.status is Status.CANCELLED and isinstance(
+                    action, Heartbeat | Step | Interrupt | Result
+                ):
+                    expected = CANCELLED
                 elif (
                     isinstance(action, Heartbeat | Step | Interrupt | Result)
                     and task.status not in TERMINAL
                     and action.run_id != task.run_id
                 ):
-                    # A stale run: its run is over, whatever the status.
-                    expected = MISMATCH
+                    # A stale run: its run is over, whatever the status (the one whose
+                    # lease lapsed hears why).
+                    lapsed = task.lapsed_run
+                    expired = lapsed is not None and lapsed.run_id == action.run_id
+                    expected = "lease_expired" if expired else MISMATCH
                 else:
                     expected = INV
                 assert error.code == expected, error.message

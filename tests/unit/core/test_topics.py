@@ -34,7 +34,8 @@ VALID_TOPICS = [
     "tasks/abc-DEF_0.9:x/events",
     "A/b/C/d/E/f",
     "...",
-    "-/_/:/.",
+    "-/_/:/.x",
+    ".a/a.",
     "x" * MAX_TOPIC_BYTES,
     "/".join(["ab"] * 85),  # 254 bytes
 ]
@@ -57,6 +58,9 @@ INVALID_TOPICS = [
     (">", ["segment 1 of '>'", "wildcard"]),
     ("ta*/x", ["segment 1 of 'ta*/x'", "'*'", "may not contain wildcards"]),
     ("a/b#", ["segment 2", "'#'", "character 2"]),
+    ("tasks/../x", ["segment 2 of 'tasks/../x' is '..'", "not allowed as a whole segment"]),
+    (".", ["segment 1 of '.' is '.'"]),
+    ("a/.", ["segment 2 of 'a/.' is '.'"]),
 ]
 
 VALID_PATTERNS = [
@@ -74,6 +78,7 @@ VALID_PATTERNS = [
 
 INVALID_PATTERNS = [
     ("", ["pattern is empty"]),
+    ("*/..", ["segment 2 of '*/..' is '..'"]),
     ("a/>/b", ["'>' may only be the last segment of 'a/>/b'"]),
     (">/a", ["'>' may only be the last segment of '>/a'"]),
     ("ta*", ["segment 1 of 'ta*'", "'*' must be a whole segment"]),
@@ -135,7 +140,9 @@ def test_is_pattern(pattern: str, expected: bool) -> None:
 def oracle_topic_ok(text: str) -> bool:
     if not text or len(text.encode("utf-8", "surrogatepass")) > MAX_TOPIC_BYTES:
         return False
-    return all(seg and set(seg) <= set(SEG_CHARS) for seg in text.split("/"))
+    return all(
+        seg and seg not in (".", "..") and set(seg) <= set(SEG_CHARS) for seg in text.split("/")
+    )
 
 
 def oracle_pattern_ok(text: str) -> bool:
@@ -145,7 +152,7 @@ def oracle_pattern_ok(text: str) -> bool:
     return all(
         seg == "*"
         or (seg == ">" and i == len(segments) - 1)
-        or (seg and set(seg) <= set(SEG_CHARS))
+        or (seg and seg not in (".", "..") and set(seg) <= set(SEG_CHARS))
         for i, seg in enumerate(segments)
     )
 

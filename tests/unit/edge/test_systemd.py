@@ -115,8 +115,12 @@ def test_adopt_socket_refuses_udp_and_dev_auth_on_the_network() -> None:
         sock.bind(("0.0.0.0", 0))
         with pytest.raises(ConfigError, match="loopback"):
             adopt_socket(forced, sock)
+        # With no keys at all, a network socket is refused too: nothing could verify tokens.
+        with pytest.raises(ConfigError, match="no way to verify tokens"):
+            adopt_socket(Config(), sock)
         # Automatic dev mode just stays off on a network socket.
-        assert not adopt_socket(Config(), sock).dev_auth
+        keyed = msgspec.convert({"auth": {"secret": "s" * 40}}, Config)
+        assert not adopt_socket(keyed, sock).dev_auth
 
 
 def test_config_changes_mask_secrets(tmp_path: Path) -> None:
