@@ -22,22 +22,17 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import jwt
 import msgspec
-from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from cryptography.hazmat.primitives.serialization import (
-    load_pem_private_key,
-    load_pem_public_key,
-)
-from jwt.algorithms import ECAlgorithm, HMACAlgorithm, RSAAlgorithm
 
+from etherd.core import jws
 from etherd.core.config import MIN_SECRET_BYTES, AuthConfig, ConfigError, short_secret
 from etherd.core.errors import Refusal
 from etherd.core.topics import TopicError, covers, is_pattern, matches, validate_pattern
+
+if TYPE_CHECKING:
+    from etherd.core.pubkeys import PrivateKey, PublicKey
 
 __all__ = [
     "DEV_SUBJECT",
@@ -58,7 +53,6 @@ DEV_SUBJECT: Final = "dev"
 
 # Larger tokens are refused before any parsing or cryptography.
 MAX_TOKEN_BYTES: Final = 16 * 1024
-MIN_RSA_BITS: Final = 2048
 # Verified tokens remembered (see Authenticator.verify); the least recently used goes first.
 TOKEN_CACHE_SIZE: Final = 10_000
 
@@ -128,44 +122,6 @@ class TaskFacts(msgspec.Struct, frozen=True):
     holder: str | None = None
 
 
-# PyJWT warns on every use of a short HMAC key or RSA key; etherd checks key sizes once
-# at load time instead (a short secret goes into Authenticator.notes, a short RSA key is
-# refused), so the per-token warnings are switched off.
-class _HS256(HMACAlgorithm):
-    def __init__(self) -> None:
-        super().__init__(HMACAlgorithm.SHA256)
-
-    def check_key_length(self, key: Any) -> str | None:
-        return None
-
-    def prepare_key(self, key: str | bytes) -> bytes:
-        # The secret comes only from the configuration and was checked by the parent's
-        # prepare_key (not empty, not a PEM or DER key) when it was loaded.
-        return key if isinstance(key, bytes) else key.encode()
-
-
-class _RS256(RSAAlgorithm):
-    def __init__(self) -> None:
-        super().__init__(RSAAlgorithm.SHA256)
-
-    def check_key_length(self, key: Any) -> str | None:
-        return None
-
-
-def _make_jws() -> jwt.PyJWS:
-    jws = jwt.PyJWS(algorithms=[])
-    jws.register_algorithm(HS256, _HS256())
-    jws.register_algorithm(RS256, _RS256())
-    jws.register_algorithm(ES256, ECAlgorithm(ECAlgorithm.SHA256, ec.SECP256R1))
-    return jws
-
-
-_JWS: Final = _make_jws()
-
-PublicKey = rsa.RSAPublicKey | ec.EllipticCurvePublicKey
-PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey
-
-
 class _Keys:
     """Everything loaded from one AuthConfig; replaced as a whole on reload."""
 
@@ -205,9 +161,7 @@ class _Keys:
         self.secret: bytes | None = None
         if config.secret:
             secret = config.secret.encode()
-            try:
-                HMACAlgorithm(HMACAlgorithm.SHA256).prepare_key(secret)
-            except jwt.InvalidKeyError:
+            if jws.looks_like_a_key(secret):
                 raise ConfigError(
                     "auth.secret looks like a PEM, DER or SSH key; it must be a random "
                     "string for HS256 (put public keys in auth.public_keys instead)"
@@ -216,90 +170,22 @@ class _Keys:
                 raise ConfigError(short_secret(len(secret)))
             self.secret = secret
         self.public: dict[str, list[PublicKey]] = {RS256: [], ES256: []}
-        for index, name in enumerate(config.public_keys):
-            key = _load_public_key(name, f"auth.public_keys[{index}]", files)
-            self.public[_alg_for(key, f"auth.public_keys[{index}] ({name})")].append(key)
         self.private: PrivateKey | None = None
         self.private_alg: str | None = None
-        if config.private_key:
-            self.private = _load_private_key(config.private_key, files)
-            self.private_alg = _alg_for(self.private, f"auth.private_key ({config.private_key})")
+        if config.public_keys or config.private_key:
+            # cryptography is loaded only by a server that has such keys.
+            from etherd.core import pubkeys
+
+            for index, name in enumerate(config.public_keys):
+                key = pubkeys.load_public_key(name, f"auth.public_keys[{index}]", files)
+                where = f"auth.public_keys[{index}] ({name})"
+                self.public[pubkeys.algorithm_of(key, where)].append(key)
+            if config.private_key:
+                self.private = pubkeys.load_private_key(config.private_key, files)
+                self.private_alg = pubkeys.algorithm_of(
+                    self.private, f"auth.private_key ({config.private_key})"
+                )
         self.notes = tuple(notes)
-
-
-def _read_pem(name: str, where: str, files: Mapping[str, bytes]) -> bytes:
-    data = files.get(name)
-    if data is None:
-        raise ConfigError(f"{where}: {name} was not read (pass it in key_files)")
-    return data
-
-
-def _basename(name: str) -> str:
-    return name.rsplit("/", 1)[-1]
-
-
-def _load_public_key(name: str, where: str, files: Mapping[str, bytes]) -> PublicKey:
-    data = _read_pem(name, where, files)
-    if b"PRIVATE KEY-----" in data:
-        raise ConfigError(
-            f"{where}: {name} holds a private key; give the public key instead "
-            f"(`openssl pkey -in {_basename(name)} -pubout`) and keep the private key "
-            f"for auth.private_key"
-        )
-    key: object
-    try:
-        if b"-----BEGIN CERTIFICATE-----" in data:
-            key = x509.load_pem_x509_certificate(data).public_key()
-        else:
-            key = load_pem_public_key(data)
-    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            f"{where}: {name} is not a PEM public key or certificate "
-            f"(expected '-----BEGIN PUBLIC KEY-----'): {exc}"
-        ) from None
-    if not isinstance(key, rsa.RSAPublicKey | ec.EllipticCurvePublicKey):
-        raise ConfigError(
-            f"{where}: {name} holds a {type(key).__name__}; only RSA (RS256) and P-256 "
-            f"EC (ES256) keys are supported"
-        )
-    return key
-
-
-def _load_private_key(name: str, files: Mapping[str, bytes]) -> PrivateKey:
-    where = "auth.private_key"
-    data = _read_pem(name, where, files)
-    try:
-        key = load_pem_private_key(data, password=None)
-    except TypeError:
-        raise ConfigError(
-            f"{where}: {name} is encrypted; etherd needs an unencrypted PEM private key"
-        ) from None
-    except (ValueError, UnsupportedAlgorithm) as exc:
-        raise ConfigError(
-            f"{where}: {name} is not a PEM private key "
-            f"(expected '-----BEGIN PRIVATE KEY-----'): {exc}"
-        ) from None
-    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey):
-        raise ConfigError(
-            f"{where}: {name} holds a {type(key).__name__}; only RSA (RS256) and P-256 "
-            f"EC (ES256) keys are supported"
-        )
-    return key
-
-
-def _alg_for(key: PublicKey | PrivateKey, where: str) -> str:
-    """The one algorithm a key may be used with; refuses keys etherd will not use."""
-    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
-        if key.key_size < MIN_RSA_BITS:
-            raise ConfigError(
-                f"{where}: the RSA key is {key.key_size} bits; RS256 needs at least {MIN_RSA_BITS}"
-            )
-        return RS256
-    if not isinstance(key.curve, ec.SECP256R1):
-        raise ConfigError(
-            f"{where}: the EC key is on curve {key.curve.name}; ES256 needs P-256 (secp256r1)"
-        )
-    return ES256
 
 
 def _utc(ts: float) -> str:
@@ -461,16 +347,15 @@ class Authenticator:
 
     def _verify_signature(self, keys: _Keys, token: str) -> dict[str, Any]:
         try:
-            header = _JWS.get_unverified_header(token)
-        except jwt.PyJWTError as exc:
+            compact = jws.parse(token)
+        except jws.JwsError as exc:
             raise AuthError(
                 f"malformed token ({exc}); expected a JWT: three base64url parts separated by dots"
             ) from None
-        alg = header.get("alg")
-        candidates: Sequence[bytes | PublicKey]
+        alg = compact.header.get("alg")
         if alg == HS256:
-            candidates = [s for s in (keys.secret, keys.dev_secret) if s is not None]
-            if not candidates:
+            secrets = [s for s in (keys.secret, keys.dev_secret) if s is not None]
+            if not secrets:
                 raise AuthError(
                     "HS256 tokens are not accepted: this server has no auth.secret"
                     + self._accepted_hint(keys)
@@ -481,17 +366,23 @@ class Authenticator:
                 against = "the configured auth.secret"
             else:
                 against = "the configured auth.secret or the development key"
+            good = any(jws.verify_hs256(compact, secret) for secret in secrets)
         elif alg in (RS256, ES256):
-            candidates = keys.public[alg]
-            if not candidates:
+            public = keys.public[alg]
+            if not public:
                 raise AuthError(
                     f"{alg} tokens are not accepted: no {alg} public key is configured"
                     + self._accepted_hint(keys)
                 )
             against = (
                 f"the configured {alg} public key"
-                if len(candidates) == 1
-                else f"any of the {len(candidates)} configured {alg} public keys"
+                if len(public) == 1
+                else f"any of the {len(public)} configured {alg} public keys"
+            )
+            from etherd.core import pubkeys  # loaded already: the keys came from it
+
+            good = any(
+                pubkeys.verify(key, compact.signing_input, compact.signature) for key in public
             )
         elif isinstance(alg, str) and alg.lower() == "none":
             raise AuthError("unsigned tokens (alg 'none') are never accepted")
@@ -500,20 +391,10 @@ class Authenticator:
                 f"unsupported token algorithm {_show(alg)}; expected one of "
                 f"{', '.join(_ALGORITHMS)}" + self._accepted_hint(keys)
             )
-        raw: bytes | None = None
-        for key in candidates:
-            try:
-                decoded = _JWS.decode_complete(token, key=key, algorithms=[alg])
-            except jwt.InvalidSignatureError:
-                continue
-            except jwt.PyJWTError as exc:
-                raise AuthError(f"malformed token: {exc}") from None
-            raw = decoded["payload"]
-            break
-        if raw is None:
+        if not good:
             raise AuthError(f"signature does not verify against {against}")
         try:
-            payload = msgspec.json.decode(raw)
+            payload = msgspec.json.decode(compact.payload)
         except msgspec.DecodeError:
             raise AuthError("token payload is not valid JSON") from None
         if not isinstance(payload, dict):
@@ -609,12 +490,20 @@ class Authenticator:
         if config.audience:
             claims["aud"] = config.audience
         payload = msgspec.json.encode(claims)
-        if keys.secret is not None:
-            return _JWS.encode(payload, keys.secret, algorithm=HS256)
+        # auth.secret first, then auth.private_key, then the development key.
+        secret = keys.secret
+        if secret is None and keys.private is None:
+            secret = keys.dev_secret
+        if secret is not None:
+            hmac_key = secret
+            return jws.encode(HS256, payload, lambda signing: jws.hs256(signing, hmac_key))
         if keys.private is not None and keys.private_alg is not None:
-            return _JWS.encode(payload, keys.private, algorithm=keys.private_alg)
-        if keys.dev_secret is not None:
-            return _JWS.encode(payload, keys.dev_secret, algorithm=HS256)
+            from etherd.core import pubkeys
+
+            private = keys.private
+            return jws.encode(
+                keys.private_alg, payload, lambda signing: pubkeys.sign(private, signing)
+            )
         raise ConfigError(
             "cannot sign tokens: set auth.secret (HS256) or auth.private_key (a PEM RSA or "
             "P-256 EC private key), or use development mode (no keys, loopback listener)"

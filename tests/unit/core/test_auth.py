@@ -6,6 +6,8 @@ import base64
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -593,6 +595,33 @@ def test_issue_round_trip_private_key(keys: KeyFiles, private: str, public: str,
     verifier = auth(public_keys=[str(getattr(keys, f"{public}_public"))])
     p = verifier.verify(token)
     assert (p.sub, p.role, p.topics, p.exp) == ("bob", Role.SERVICE, None, NOW + 60)
+    # Another JWT implementation accepts what etherd signs.
+    public_pem = getattr(keys, f"{public}_public").read_bytes()
+    claims_seen = jwt.decode(
+        token, public_pem, algorithms=[alg], options={"verify_exp": False, "verify_iat": False}
+    )
+    assert claims_seen["sub"] == "bob"
+
+
+def test_issue_round_trip_hs256_with_another_implementation() -> None:
+    token = auth(secret=SECRET).issue("carol", Role.USER, 60, None)
+    seen = jwt.decode(
+        token, SECRET, algorithms=["HS256"], options={"verify_exp": False, "verify_iat": False}
+    )
+    assert seen["sub"] == "carol"
+
+
+def test_a_server_without_key_files_does_not_load_cryptography() -> None:
+    # cryptography costs every process about 16 MB; HS256 is verified without it.
+    code = (
+        "import sys; from etherd.core.auth import Authenticator; "
+        "from etherd.core.config import AuthConfig; "
+        f"a = Authenticator(AuthConfig(secret={SECRET!r}), dev=False); "
+        "a.verify(a.issue('u', 'user', 60, None)); "
+        "print(any(m.split('.')[0] in ('cryptography', 'jwt') for m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
 
 
 def test_issue_prefers_the_secret(keys: KeyFiles) -> None:
