@@ -140,13 +140,8 @@ class HttpConnection(asyncio.Protocol):
         self._arm(self.state.config.http.keepalive_timeout_s, self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._closing = True
-        self._disarm()
         self._out.clear()
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.state.connections.http.discard(self)
+        self._release()
 
     def data_received(self, data: bytes) -> None:
         if self._upgrade_tail is not None:
@@ -398,17 +393,13 @@ class HttpConnection(asyncio.Protocol):
             self._flush_out()
             tail = bytes(self._upgrade_tail or b"")
             self._upgrade_tail = None
-            self._closing = True
-            self._disarm()
-            self.state.connections.http.discard(self)
+            self._release()
             result.handoff(transport, request, tail)
             return False
         cors = self._cors.headers_for(request) if self._cors is not None else ()
         if isinstance(result, Stream):
             self._flush_out()
-            self._closing = True
-            self._disarm()
-            self.state.connections.http.discard(self)
+            self._release()
             result.start(transport, cors)
             self._on_response(request, 200)
             return False
@@ -465,6 +456,16 @@ class HttpConnection(asyncio.Protocol):
     def _disarm(self) -> None:
         self._deadline = None
         self._on_deadline = None
+
+    def _release(self) -> None:
+        """The connection is no longer HTTP's (closed, upgraded or streaming): stop the
+        timer, whose handle would otherwise keep this object alive until it fires."""
+        self._closing = True
+        self._disarm()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.state.connections.http.discard(self)
 
     def _expire(self) -> None:
         self._timer = None

@@ -7,6 +7,8 @@ first; every limit is gone over; the request and keep-alive timers fire.
 from __future__ import annotations
 
 import asyncio
+import gc
+import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,7 +18,7 @@ import pytest
 from etherd.core.config import Config
 from etherd.edge.http.protocol import HttpConnection
 from etherd.edge.http.request import Request
-from etherd.edge.http.response import Response, Result
+from etherd.edge.http.response import Response, Result, Upgrade
 from etherd.services.state import ServerState
 
 
@@ -326,3 +328,51 @@ def test_a_streaming_route_is_a_barrier_in_the_pipeline() -> None:
         ["/a", "/stream", "/b"],
         ["/a", "/stream", "/b"],
     ]
+
+
+def test_an_upgraded_connection_leaves_nothing_of_http_behind() -> None:
+    # Every WebSocket starts as an HTTP connection: whatever keeps that object alive after
+    # the hand-off (its timer's handle, say) costs memory per subscriber.
+    async def go() -> tuple[bool, bool]:
+        handed: list[bool] = []
+
+        async def dispatch(request: Request) -> Result:
+            return Upgrade(lambda transport, req, tail: handed.append(True))
+
+        h = Harness(Config(), dispatch)
+        conn = weakref.ref(h.conn)
+        h.feed(get("/stream", "Connection: Upgrade\r\nUpgrade: websocket\r\n"))
+        await settle(10)
+        del h.conn
+        gc.collect()
+        return bool(handed), conn() is None
+
+    assert asyncio.run(go()) == (True, True)
+
+
+def test_many_pipelined_answers_leave_in_few_writes() -> None:
+    async def go() -> tuple[int, list[int]]:
+        gate = asyncio.Event()
+
+        async def dispatch(request: Request) -> Result:
+            await gate.wait()
+            return Response(200, request.path.encode())
+
+        h = Harness(config(max_pipelined=64), dispatch)
+        writes: list[int] = []
+        write = h.transport.write
+
+        def counted(data: bytes) -> None:
+            writes.append(len(data))
+            write(data)
+
+        h.transport.write = counted  # type: ignore[method-assign]
+        h.feed(b"".join(get(f"/{n}") for n in range(50)))
+        await settle()
+        gate.set()
+        await settle(20)
+        return len(h.transport.responses()), writes
+
+    answered, writes = asyncio.run(go())
+    assert answered == 50
+    assert len(writes) <= 3, writes
