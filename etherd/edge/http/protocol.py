@@ -72,6 +72,17 @@ class _Incoming:
         self.body = bytearray()
 
 
+class _Handling:
+    """A started request; ``result`` is set when its handler returns."""
+
+    __slots__ = ("request", "result", "task")
+
+    def __init__(self, request: Request) -> None:
+        self.request = request
+        self.result: Result | None = None
+        self.task: asyncio.Task[None] | None = None
+
+
 class HttpConnection(asyncio.Protocol):
     """One client connection: parse, queue, answer in order; maybe stream or upgrade."""
 
@@ -108,7 +119,7 @@ class HttpConnection(asyncio.Protocol):
         self._completed = 0
         # Parsed and not yet started; started and not yet answered (in request order).
         self._queue: deque[Request] = deque()
-        self._running: deque[tuple[Request, asyncio.Future[Result]]] = deque()
+        self._running: deque[_Handling] = deque()
         # A request that may take the connection over is running: start nothing after it.
         self._barrier = False
         self._last_turn: Turn | None = None
@@ -283,7 +294,7 @@ class HttpConnection(asyncio.Protocol):
 
     # -- answering -------------------------------------------------------------------------
 
-    def _pump(self, _done: asyncio.Future[Result] | None = None) -> None:
+    def _pump(self) -> None:
         """Start what may start and answer what is done, until neither moves.
 
         Called when requests were parsed and when a running one finishes.
@@ -321,16 +332,27 @@ class HttpConnection(asyncio.Protocol):
             turn = Turn(self._last_turn, self._loop)
             self._last_turn = turn
             request.turn = turn
-            handled = self._loop.create_task(self._handle(request, turn))
-            running.append((request, handled))
-            handled.add_done_callback(self._pump)
+            handling = _Handling(request)
+            running.append(handling)
+            handling.task = self._loop.create_task(self._handle(handling, turn))
             started = True
         if started:
             # The handlers run in the next loop iteration; what they publish should leave in
             # that same iteration, not one later (see ``Hub.flush_soon``).
             self._after_start()
 
-    async def _handle(self, request: Request, turn: Turn) -> Result:
+    async def _handle(self, handling: _Handling, turn: Turn) -> None:
+        """Run one request's handler, then answer whatever is now due, at once: no done
+        callback, so a finished request is answered in the loop iteration it finished in."""
+        try:
+            handling.result = await self._result(handling.request, turn)
+        except Exception:
+            log.exception("HTTP handler failed")
+            handling.result = error_response(Refusal("internal", "the server failed this request"))
+        if not self._closing:
+            self._pump()
+
+    async def _result(self, request: Request, turn: Turn) -> Result:
         state = self.state
         if state.inflight >= state.config.http.max_inflight:
             turn.done()
@@ -351,10 +373,11 @@ class HttpConnection(asyncio.Protocol):
         """Answer, in request order, every request at the head that is done; whether any was."""
         running = self._running
         answered = False
-        while running and running[0][1].done():
-            request, handled = running.popleft()
+        while running and running[0].result is not None:
+            handling = running.popleft()
             answered = True
-            if not self._answer(request, handled.result()):
+            assert handling.result is not None
+            if not self._answer(handling.request, handling.result):
                 self._drop_pending()
                 return True
             self._barrier = False
