@@ -8,7 +8,7 @@ DEV     := $(VENV)/.dev-installed
 BENCH   := $(VENV)/.bench-installed
 
 .PHONY: run test lint typecheck unit integration conformance bench bench-micro bench-fanout \
-	bench-client bench-peers clean
+	bench-cluster bench-client bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -60,6 +60,11 @@ bench-micro: $(BENCH)
 
 bench-fanout: $(BENCH) bench-client
 	$(BIN)/python -m bench.fanout.matrix --quick
+
+## bench-cluster: fan-out across etherd nodes over NATS, one throwaway PostgreSQL cluster
+## (cross-node latency, cost of the bus, --workers scaling, idle memory; ~30 minutes)
+bench-cluster: $(BENCH) bench-client
+	$(BIN)/python -m bench.fanout.cluster
 
 ## bench-client: the C subscriber load client, built with the machine's gcc
 SUBCLIENT := bench/.build/subclient
