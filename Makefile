@@ -8,7 +8,7 @@ DEV     := $(VENV)/.dev-installed
 BENCH   := $(VENV)/.bench-installed
 
 .PHONY: run test lint typecheck unit integration conformance bench bench-micro bench-fanout \
-	bench-cluster bench-client bench-peers clean
+	bench-client bench-peers clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,7 @@ bench-fanout: $(BENCH) bench-client
 
 ## bench-cluster: fan-out across etherd nodes over NATS, one throwaway PostgreSQL cluster
 ## (cross-node latency, cost of the bus, --workers scaling, idle memory; ~30 minutes)
+.PHONY: bench-cluster
 bench-cluster: $(BENCH) bench-client
 	$(BIN)/python -m bench.fanout.cluster
 
