@@ -106,8 +106,8 @@ class Target:
     # publishes on one node and subscribes on another.
     publish_port: int | None = None
     # Named groups of server-side processes (another node, nats-server, PostgreSQL) whose
-    # CPU each run reports beside the server's; called at the start and end of the window,
-    # so processes started in between are counted too. Their pids are not noise.
+    # CPU each run reports beside the server's. Each is listed when the window opens (a
+    # process started later is not counted); their pids are not noise.
     groups: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
 
     @property
