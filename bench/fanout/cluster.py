@@ -4,8 +4,8 @@ Run from the repository root in the virtualenv (``make bench-cluster``)::
 
     python -m bench.fanout.cluster                          # every case, 3 rounds (~25 min)
     python -m bench.fanout.cluster --cases cross,same --rounds 1
-    python -m bench.fanout.cluster --report-only bench/results/cluster-DATE.jsonl --name cluster-DATE
-    python -m bench.fanout.cluster --cases cross,same --transient --py-spy DIR   # diagnosis
+    python -m bench.fanout.cluster --report-only bench/results/X.jsonl --name X
+    python -m bench.fanout.cluster --cases cross,same --transient --py-spy DIR  # diagnosis
 
 Every run is one ``bench.fanout.driver`` run (its subscribers, publisher, noise checks and
 record) against servers this module starts, fresh for each run: a new database on one
