@@ -65,6 +65,12 @@ bench-micro: $(BENCH)
 bench-fanout: $(BENCH) bench-client
 	$(BIN)/python -m bench.fanout.matrix --quick
 
+## bench-cluster: fan-out across etherd nodes over NATS, one throwaway PostgreSQL cluster
+## (cross-node latency, cost of the bus, --workers scaling, idle memory; ~30 minutes)
+.PHONY: bench-cluster
+bench-cluster: $(BENCH) bench-client
+	$(BIN)/python -m bench.fanout.cluster
+
 ## bench-client: the C subscriber load client, built with the machine's gcc
 SUBCLIENT := bench/.build/subclient
 BENCH_CC  ?= gcc

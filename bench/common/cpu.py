@@ -263,6 +263,45 @@ def pin(cpus: Collection[int] | str | int | None) -> None:
             os.sched_setaffinity(0, set(cpus))
 
 
+def descendants(pid: int) -> list[int]:
+    """``pid`` and every process below it (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = _stat_fields(Path(entry.path, "stat").read_text())
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def proc_name(pid: int) -> str:
+    """A process's command name (``/proc/PID/comm``), or "" if it is gone."""
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+def pin_tree(pid: int, cpus: Collection[int]) -> list[int]:
+    """Pin a running process and everything below it to ``cpus`` (processes they start
+    later inherit it); the pids pinned."""
+    pinned = []
+    for p in descendants(pid):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(p, set(cpus))
+            pinned.append(p)
+    return pinned
+
+
 def raise_nofile() -> int:
     """Raise the soft RLIMIT_NOFILE to the hard limit (children inherit it); the new limit."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -12,6 +12,7 @@ import asyncio
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Final
 from urllib.parse import quote, urlsplit, urlunsplit
 
@@ -80,6 +81,24 @@ async def _version(server: str) -> str:
 def version(server: str) -> str:
     """``SHOW server_version`` plus the settings that decide commit cost."""
     return asyncio.run(_version(server))
+
+
+async def _checkpointer_pid(server: str) -> int:
+    con = await asyncpg.connect(database_url(server, "postgres"), timeout=10)
+    try:
+        pid: int = await con.fetchval(
+            "SELECT pid FROM pg_stat_activity WHERE backend_type = 'checkpointer'"
+        )
+    finally:
+        await con.close()
+    return pid
+
+
+def postmaster_pid(server: str) -> int:
+    """The pid of a local server's postmaster: the parent of its checkpointer, a child
+    that lives as long as the server (a backend would exit with the connection)."""
+    text = Path(f"/proc/{asyncio.run(_checkpointer_pid(server))}/stat").read_text()
+    return int(text[text.rindex(")") + 2 :].split()[1])
 
 
 @contextmanager

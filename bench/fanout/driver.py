@@ -61,8 +61,8 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
@@ -102,6 +102,13 @@ class Target:
     pid: int | None
     server: ServerProcess | None = None
     trace: str | None = None  # --trace-server: traced_server.py's summary file
+    # Where the publisher sends (default: the server the subscribers use). A cluster run
+    # publishes on one node and subscribes on another.
+    publish_port: int | None = None
+    # Named groups of server-side processes (another node, nats-server, PostgreSQL) whose
+    # CPU each run reports beside the server's. Each is listed when the window opens (a
+    # process started later is not counted); their pids are not noise.
+    groups: dict[str, Callable[[], list[int]]] = field(default_factory=dict)
 
     @property
     def ws_url(self) -> str:
@@ -110,6 +117,10 @@ class Target:
     def stop(self) -> None:
         if self.server is not None:
             self.server.stop()
+
+    def group_pids(self) -> dict[str, list[int]]:
+        """The processes of every group, as they are now."""
+        return {name: pids() for name, pids in self.groups.items()}
 
     def touch(self, suffix: str) -> None:
         """Create one of traced_server.py's control files (``.start``, ``.dump``, ...)."""
@@ -132,6 +143,22 @@ class Target:
         return None
 
 
+def etherd_settings(args: argparse.Namespace, n_conns: int) -> dict[str, dict[str, Any]]:
+    """etherd's limits raised for ``n_conns`` load connections, and a quick drain."""
+    limit = n_conns + 1000
+    return {
+        "server": {
+            "max_connections": max(limit, 50_000),
+            "drain_window_s": 0.2,
+            "shutdown_grace_s": 2.0,
+        },
+        "ws": {
+            "max_connections_per_subject": limit,
+            "max_pending_bytes": args.server_max_pending_mb * 1024 * 1024,
+        },
+    }
+
+
 def start_target(args: argparse.Namespace, kind: str, n_conns: int) -> Target:
     """Start etherd or the uWS peer for one run (or attach to ``--url``)."""
     if args.url:
@@ -145,18 +172,7 @@ def start_target(args: argparse.Namespace, kind: str, n_conns: int) -> Target:
     if kind == "uws":
         server = start_uws(cpu=args.server_cpu)
         return Target("uws", server.host, server.port, server.pid, server)
-    limit = n_conns + 1000
-    settings: dict[str, dict[str, Any]] = {
-        "server": {
-            "max_connections": max(limit, 50_000),
-            "drain_window_s": 0.2,
-            "shutdown_grace_s": 2.0,
-        },
-        "ws": {
-            "max_connections_per_subject": limit,
-            "max_pending_bytes": args.server_max_pending_mb * 1024 * 1024,
-        },
-    }
+    settings = etherd_settings(args, n_conns)
     launcher: list[str] = ["-m", "etherd"]
     trace = None
     if args.trace_server:
@@ -248,9 +264,16 @@ class Sample:
     publisher: float
     driver: float
     cpus: dict[str, cpumod.CpuTimes]
+    groups: dict[str, dict[int, float]]
 
     @classmethod
-    def take(cls, server: int | None, clients: Sequence[int], publisher: int) -> Sample:
+    def take(
+        cls,
+        server: int | None,
+        clients: Sequence[int],
+        publisher: int,
+        groups: dict[str, list[int]] | None = None,
+    ) -> Sample:
         return cls(
             time.monotonic(),
             proc_cpu_s(server) if server else math.nan,
@@ -258,7 +281,18 @@ class Sample:
             proc_cpu_s(publisher),
             proc_cpu_s(os.getpid()),
             cpu_times(),
+            {name: {pid: proc_cpu_s(pid) for pid in pids} for name, pids in (groups or {}).items()},
         )
+
+
+def group_delta(start: Sample, end: Sample) -> dict[str, float]:
+    """CPU seconds each group used between two samples (the groups' processes are listed
+    once, at the start of the window; one gone by the end is left out)."""
+    out: dict[str, float] = {}
+    for name, now in end.groups.items():
+        then = start.groups.get(name, {})
+        out[name] = sum(c - then[pid] for pid, c in now.items() if not math.isnan(c))
+    return out
 
 
 def expected_frames(args: argparse.Namespace, n: int, pub: dict[str, Any]) -> int:
@@ -314,7 +348,7 @@ def run_fanout(args: argparse.Namespace, ctx: Any, target: Target) -> dict[str, 
     topics = [topic_name(t, args.topics) for t in range(args.topics)]
     plan = PublishPlan(
         host=target.host,
-        port=target.port,
+        port=target.publish_port or target.port,
         topics=topics,
         rate=args.rate,
         duration=args.duration,
@@ -353,7 +387,8 @@ def run_fanout(args: argparse.Namespace, ctx: Any, target: Target) -> dict[str, 
         time.sleep(0.001)
     client_pids = clients.pids
     everyone_before = all_procs()
-    start = Sample.take(pid, client_pids, pub.pid or 0)
+    groups = target.group_pids()
+    start = Sample.take(pid, client_pids, pub.pid or 0, groups)
     w0 = start.t
 
     # Poll delivery while publishing, then drain.
@@ -369,7 +404,7 @@ def run_fanout(args: argparse.Namespace, ctx: Any, target: Target) -> dict[str, 
         if total != last_total:
             last_total = total
             last_progress = now
-            mark = Sample.take(pid, client_pids, pub.pid or 0)
+            mark = Sample.take(pid, client_pids, pub.pid or 0, groups)
         if pub_result is None and parent.poll():
             _, pub_result = parent.recv()
             expected = expected_frames(args, n, pub_result)
@@ -388,6 +423,8 @@ def run_fanout(args: argparse.Namespace, ctx: Any, target: Target) -> dict[str, 
     ours = {os.getpid(), pub.pid or 0, *client_pids}
     if pid:
         ours.add(pid)
+    for pids in mark.groups.values():
+        ours.update(pids)
     if profiler is not None:
         ours.add(profiler.pid)  # --py-spy's sampler is ours, not a neighbour's
     span = t_after - w0
@@ -471,6 +508,10 @@ def run_fanout(args: argparse.Namespace, ctx: Any, target: Target) -> dict[str, 
         "server_us_per_frame": round(1e6 * server_cpu / delivered, 3) if delivered else None,
         "server_peak_rss_mb": round(hwm / 1024, 1),
         "server_rss_end_mb": round(rss / 1024, 1),
+        "server_side_cpu_s": {k: round(v, 3) for k, v in group_delta(start, mark).items()},
+        "server_side_cpu_pct": {
+            k: round(100 * v / window, 1) for k, v in group_delta(start, mark).items()
+        },
         "client_cpu_pct": [round(100 * c / window, 1) for c in client_cpu],
         "publisher_cpu_pct": round(100 * (mark.publisher - start.publisher) / window, 1),
         "publisher_rt": pub_result.get("rt", False),
@@ -697,12 +738,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def one_run(args: argparse.Namespace, ctx: Any, kind: str) -> dict[str, Any]:
-    """Start the server, wait for quiet, measure (retrying noisy runs), stop it."""
+def one_run(
+    args: argparse.Namespace,
+    ctx: Any,
+    kind: str,
+    start: Callable[[], Target] | None = None,
+) -> dict[str, Any]:
+    """Start the server, wait for quiet, measure (retrying noisy runs), stop it.
+
+    ``start`` replaces the driver's own way of starting the server (``start_target``): a
+    cluster run starts several processes and describes them in the ``Target``.
+    """
     n_conns = args.idle or args.subscribers
-    target = start_target(args, kind, n_conns)
+    target = start() if start is not None else start_target(args, kind, n_conns)
     try:
         ours = [target.pid] if target.pid else []
+        ours += [pid for pids in target.group_pids().values() for pid in pids]
         quiet = None
         attempts = 1 + (0 if args.idle else args.retry_noisy)
         record: dict[str, Any] = {}
