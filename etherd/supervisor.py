@@ -21,7 +21,10 @@ The supervisor:
   (every worker reloads);
 - tells systemd ``READY=1`` once every worker is ready: it hands the workers a notify
   socket of its own and counts their ``READY=1`` by sender, and it pings systemd's
-  watchdog itself.
+  watchdog itself;
+- watches the workers' event loops: each worker pings the supervisor's notify socket
+  (``WATCHDOG=1``) every half of ``server.worker_watchdog_s``; one that has not pinged for
+  the whole of it (its loop is stuck, or it was stopped) is killed, then restarted.
 """
 
 from __future__ import annotations
@@ -79,13 +82,16 @@ def _free_port() -> int:
 class _Child:
     """One supervised process and its restart bookkeeping."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, index: int = 0) -> None:
         self.name = name
+        self.index = index
         self.proc: asyncio.subprocess.Process | None = None
         self.started = 0.0
         self.delay = RESTART_DELAY_S
         self.failures: deque[float] = deque()
         self.last_status = 0
+        # When this worker last showed that its loop turns (ready or a watchdog ping).
+        self.alive_at = 0.0
 
 
 class Supervisor:
@@ -100,7 +106,7 @@ class Supervisor:
         """
         self.config = config
         self.argv = list(serve_argv)
-        self.workers = [_Child(f"worker {i + 1}") for i in range(config.server.workers)]
+        self.workers = [_Child(f"worker {i + 1}", i + 1) for i in range(config.server.workers)]
         self.nats = _Child("nats-server")
         self.nats_url = ""
         self.notifier = Notifier()
@@ -144,6 +150,10 @@ class Supervisor:
         interval = watchdog_interval()
         if interval is not None:
             tasks.append(loop.create_task(self._watchdog(interval)))
+        if self.config.server.worker_watchdog_s > 0:
+            tasks.append(
+                loop.create_task(self._watch_workers(self.config.server.worker_watchdog_s))
+            )
         log.info(
             "supervising %d workers on %s:%d (bus %s)",
             len(self.workers),
@@ -164,13 +174,22 @@ class Supervisor:
         self.notifier.close()
         return self._exit
 
-    def _worker_env(self) -> dict[str, str]:
+    def _worker_env(self, worker: _Child) -> dict[str, str]:
         env = dict(os.environ)
         env[SUPERVISED_ENV] = "1"
         env["ETHERD_CLUSTER_NATS_URL"] = self.nats_url
+        node_id = self.config.cluster.node_id
+        if node_id:
+            # Peers and presence tell nodes apart by name: each worker gets its own, stable
+            # across restarts ("web1-2"). Without a configured name each picks host-pid.
+            env["ETHERD_CLUSTER_NODE_ID"] = f"{node_id}-{worker.index}"
         env["NOTIFY_SOCKET"] = self._notify_path
         for name in ("LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC", "WATCHDOG_PID"):
             env.pop(name, None)
+        watchdog_s = self.config.server.worker_watchdog_s
+        if watchdog_s > 0:
+            # The worker pings every half of it, from its loop (the systemd protocol).
+            env["WATCHDOG_USEC"] = str(int(watchdog_s * 1_000_000))
         if self._inherited is not None:
             env[INHERITED_FD_ENV] = str(self._inherited.fileno())
         return env
@@ -183,7 +202,7 @@ class Supervisor:
             "etherd",
             "serve",
             *self.argv,
-            env=self._worker_env(),
+            env=self._worker_env(worker),
             pass_fds=fds,
             stdin=asyncio.subprocess.DEVNULL,
             preexec_fn=_DIE_WITH_PARENT,
@@ -329,6 +348,10 @@ class Supervisor:
                 if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS:
                     pid = int.from_bytes(payload[:4], sys.byteorder)
             lines = data.decode(errors="replace").splitlines()
+            if pid and ("WATCHDOG=1" in lines or "READY=1" in lines):
+                for w in self.workers:
+                    if w.proc is not None and w.proc.pid == pid:
+                        w.alive_at = time.monotonic()
             if "READY=1" in lines and pid:
                 self._ready.add(pid)
                 live = {w.proc.pid for w in self.workers if w.proc and w.proc.returncode is None}
@@ -385,6 +408,31 @@ class Supervisor:
                 nats.kill()
                 await nats.wait()
         log.info("stopped")
+
+    async def _watch_workers(self, limit_s: float) -> None:
+        """Kill a ready worker that stopped pinging; ``_keep`` restarts it."""
+        while not self._stopping:
+            await asyncio.sleep(min(1.0, limit_s / 4))
+            now = time.monotonic()
+            for w in self.workers:
+                proc = w.proc
+                if (
+                    proc is None
+                    or proc.returncode is not None
+                    or proc.pid not in self._ready
+                    or now - w.alive_at <= limit_s
+                    or self._stopping
+                ):
+                    continue
+                log.error(
+                    "%s (pid %d) has not pinged its watchdog for %.1f s "
+                    "(server.worker_watchdog_s): killing it",
+                    w.name,
+                    proc.pid,
+                    now - w.alive_at,
+                )
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
 
     async def _watchdog(self, interval: float) -> None:
         while True:

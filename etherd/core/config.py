@@ -67,6 +67,9 @@ class ServerConfig(_Section):
     listen_backlog: Pos = 4096
     # WebSocket sessions are closed in this many batches over drain_window_s.
     drain_batches: Pos = 20
+    # With --workers: a worker whose event loop has not pinged the supervisor for this many
+    # seconds is killed and restarted (it pings every half of it); 0: not watched.
+    worker_watchdog_s: NonNegFloat = 10.0
 
 
 class HttpConfig(_Section):
@@ -197,6 +200,10 @@ class ClusterConfig(_Section):
     # Seconds after a node starts following a topic when it checks the log once for events
     # the bus did not bring (interest takes a moment to reach every server of a NATS cluster).
     follow_audit_s: NonNegFloat = 1.0
+    # Seconds between checks of every followed topic's head in the log; an event the bus
+    # never brought (its node died between commit and publish) is read after two checks.
+    # 0: no checks (such an event then arrives with the topic's next one).
+    tail_check_s: NonNegFloat = 5.0
     # Seconds between node heartbeats on the bus (peers and presence use them).
     heartbeat_s: PosFloat = 1.0
     # How long a presence query waits for the other nodes' counts.

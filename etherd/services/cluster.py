@@ -77,6 +77,8 @@ PEER_MISSES: Final = 3
 # connection is noticed within a few seconds, not the library's default of minutes.
 PING_INTERVAL_S: Final = 2
 MAX_OUTSTANDING_PINGS: Final = 2
+# Followed topics whose heads one query asks for.
+_HEADS_PER_QUERY: Final = 1000
 
 
 class ClusterStats:
@@ -92,6 +94,7 @@ class ClusterStats:
         "lag_sum",
         "published",
         "received",
+        "tail_reads",
     )
 
     def __init__(self) -> None:
@@ -104,6 +107,8 @@ class ClusterStats:
         self.gaps_filled = 0
         self.gap_events = 0
         self.catch_ups = 0
+        # Topics read because their newest events never came over the bus.
+        self.tail_reads = 0
         self.lag_counts = [0] * (len(LAG_BUCKETS) + 1)
         self.lag_sum = 0.0
 
@@ -212,7 +217,12 @@ class ClusterBroker:
         """Follow the hub's interest and connect in the background (never fails)."""
         self.hub.on_interest = self._interest
         loop = asyncio.get_running_loop()
-        for job in (self._connect_forever(), self._fill_gaps(), self._poll_while_degraded()):
+        for job in (
+            self._connect_forever(),
+            self._fill_gaps(),
+            self._poll_while_degraded(),
+            self._check_tails(),
+        ):
             self._tasks.append(loop.create_task(job))
 
     async def stop(self) -> None:
@@ -599,6 +609,33 @@ class ClusterBroker:
         self.stats.catch_ups += 1
         for topic in list(self._ordering.positions()):
             await self._read_after(topic, why)
+
+    async def _check_tails(self) -> None:
+        """Find events the log has and the bus never brought, at no cost while none is
+        missing: one query for the heads of every followed topic per ``tail_check_s``;
+        a topic whose head of the previous check has still not been delivered is read.
+        (A gap behind a later event is found by ``_fill_gaps``; this finds a topic's
+        newest events when nothing came after them.)
+        """
+        seen: dict[str, int] = {}
+        while True:
+            every = self.state.config.cluster.tail_check_s
+            await asyncio.sleep(every if every > 0 else 1.0)
+            if every <= 0 or not self._connected:
+                seen.clear()  # while degraded, the polling reads everything anyway
+                continue
+            positions = self._ordering.positions()
+            behind = [t for t, head in seen.items() if positions.get(t, head) < head]
+            for topic in behind:
+                self.stats.tail_reads += 1
+                await self._read_after(topic, "tail check")
+            topics = list(positions)
+            seen = {}
+            for start in range(0, len(topics), _HEADS_PER_QUERY):
+                part = topics[start : start + _HEADS_PER_QUERY]
+                heads = await self.eventlog.heads(part)
+                now = self._ordering.positions()
+                seen.update((t, h) for t, h in heads.items() if now.get(t, h) < h)
 
     async def _poll_while_degraded(self) -> None:
         while True:

@@ -169,6 +169,14 @@ class EventLog:
         except StoreUnavailable:
             return 0
 
+    async def heads(self, topics: Sequence[str]) -> dict[str, int]:
+        """Newest offsets of many topics (those never written left out; empty while the
+        store cannot say)."""
+        try:
+            return await self.store.heads(topics)
+        except StoreUnavailable:
+            return {}
+
     async def resume(self, topic: str, after: int, epoch: str | None, max_events: int) -> Resumed:
         """What a client that has everything up to ``after`` (in ``epoch``) is missing."""
         if epoch is not None and epoch != self.epoch:

@@ -160,6 +160,10 @@ class Store(abc.ABC):
         """The newest offset ever assigned in ``topic``; 0 if it was never written."""
 
     @abc.abstractmethod
+    async def heads(self, topics: Sequence[str]) -> dict[str, int]:
+        """The newest offsets of many topics at once; topics never written are left out."""
+
+    @abc.abstractmethod
     async def idempotent(self, scope: str, key: str) -> IdempotentAnswer | None:
         """The answer stored under an idempotency key, if any."""
 

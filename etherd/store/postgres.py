@@ -475,6 +475,13 @@ class PostgresStore(Store):
             head = await con.fetchval("SELECT head FROM topic_heads WHERE topic = $1", topic)
         return int(head or 0)
 
+    async def heads(self, topics: Sequence[str]) -> dict[str, int]:
+        async with self._conn() as con:
+            rows = await con.fetch(
+                "SELECT topic, head FROM topic_heads WHERE topic = ANY($1::text[])", list(topics)
+            )
+        return {r[0]: int(r[1]) for r in rows}
+
     async def idempotent(self, scope: str, key: str) -> IdempotentAnswer | None:
         async with self._conn() as con:
             row = await con.fetchrow(

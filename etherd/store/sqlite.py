@@ -314,6 +314,20 @@ class SqliteStore(Store):
         found = row.fetchone()
         return int(found[0]) if found else 0
 
+    async def heads(self, topics: Sequence[str]) -> dict[str, int]:
+        return await self._read(self._heads_sync, list(topics))
+
+    def _heads_sync(self, topics: list[str]) -> dict[str, int]:
+        assert self._rcon is not None
+        found: dict[str, int] = {}
+        # SQLite limits the parameters of one statement: ask in slices.
+        for start in range(0, len(topics), 500):
+            part = topics[start : start + 500]
+            marks = ",".join("?" * len(part))
+            sql = f"SELECT topic, head FROM topic_heads WHERE topic IN ({marks})"
+            found.update((r[0], int(r[1])) for r in self._rcon.execute(sql, part))
+        return found
+
     async def idempotent(self, scope: str, key: str) -> IdempotentAnswer | None:
         return await self._read(self._idempotent_sync, scope, key)
 

@@ -6,6 +6,7 @@ restarts. Each node is a real ``etherd serve`` process.
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 import uuid
@@ -16,6 +17,8 @@ import pytest
 
 from tests.cluster.conftest import Nats, Subscriber, bus_state, node, publish, wait_for
 from tests.conftest import Etherd
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "conf" / "grafana-etherd.json"
 
 
 def uid() -> str:
@@ -320,3 +323,58 @@ def test_sqlite_with_a_bus_is_refused_at_start(tmp_path: Path, nats: Nats) -> No
     with pytest.raises(RuntimeError) as info:
         server.start()
     assert "PostgreSQL" in str(info.value)
+
+
+def test_an_event_the_bus_never_brought_arrives_by_the_tail_check(
+    tmp_path: Path, pg_url: str, nats: Nats
+) -> None:
+    # A node that commits into the shared log but is not on the bus stands for a node that
+    # died between its commit and its publish: only the log has the event.
+    a = node(
+        tmp_path, pg_url, nats.url, "a", cluster={"tail_check_s": 0.3, "follow_audit_s": 0.0}
+    ).start()
+    (tmp_path / "solo").mkdir()
+    solo = Etherd(tmp_path / "solo", {"store": {"url": pg_url}}).start()
+    topic = f"tail/{uid()}"
+    try:
+        wait_for(lambda: bus_state(a) == "connected", "a on the bus")
+        sub = Subscriber(a, topic)
+        try:
+            publish(solo, topic, 1)
+            publish(solo, topic, 2)
+            sub.wait_for(2, timeout=10)
+            assert sub.offsets == [1, 2]
+            status, body = a.request("GET", "/metrics", token="test")
+            assert status == 200
+            text = body.decode() if isinstance(body, bytes) else str(body)
+            reads = [
+                float(line.split()[-1])
+                for line in text.splitlines()
+                if line.startswith("etherd_cluster_tail_reads_total")
+            ]
+            assert reads and reads[0] >= 1
+        finally:
+            sub.close()
+    finally:
+        a.kill()
+        solo.kill()
+
+
+def test_the_dashboard_shows_every_cluster_metric(three: list[Etherd]) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = " ".join(t["expr"] for p in dashboard["panels"] for t in p["targets"])
+    status, body = three[0].request("GET", "/metrics", token="test")
+    assert status == 200
+    text = body.decode() if isinstance(body, bytes) else str(body)
+    families = {
+        line.split("{")[0]
+        .split(" ")[0]
+        .removesuffix("_bucket")
+        .removesuffix("_sum")
+        .removesuffix("_count")
+        for line in text.splitlines()
+        if line.startswith("etherd_cluster")
+    }
+    assert len(families) >= 10
+    missing = sorted(f for f in families if f not in queries)
+    assert not missing, missing

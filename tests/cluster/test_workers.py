@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import tomli_w
 
 from tests.cluster.conftest import Subscriber, publish, wait_for
 from tests.conftest import DIE_WITH_PYTEST, Etherd
@@ -114,6 +115,25 @@ def test_sighup_reloads_every_worker(three_workers: Supervised) -> None:
     server = three_workers
     server.signal(signal.SIGHUP)
     wait_for(lambda: server.log().count("reload:") >= 3, "three workers to reload")
+
+
+def test_a_worker_whose_loop_stops_is_killed_and_replaced(tmp_path: Path, pg_url: str) -> None:
+    server = Supervised(tmp_path, pg_url, 2)
+    server.config["server"]["worker_watchdog_s"] = 1.0
+    server.config_path.write_bytes(tomli_w.dumps(server.config).encode())
+    server.start()
+    try:
+        wait_for(lambda: len(server.nodes(30)) == 2, "connections on both workers")
+        victim = sorted(server.nodes(30))[0]
+        pid = int(victim.rsplit("-", 1)[1])
+        os.kill(pid, signal.SIGSTOP)  # its loop no longer turns; the port still accepts
+        wait_for(lambda: "has not pinged its watchdog" in server.log(), "the watchdog", 10)
+        wait_for(
+            lambda: len(server.nodes(30) - {victim}) == 2, "a new worker in the stuck one's place"
+        )
+        assert "Traceback" not in server.log()
+    finally:
+        server.stop()
 
 
 def _children(pid: int) -> list[int]:

@@ -1,10 +1,9 @@
-"""A known bug: ``serve --workers N`` with ``cluster.node_id`` set.
+"""``serve --workers N`` with ``cluster.node_id`` set (what a machine of a multi-machine
+cluster naturally sets): each worker gets its own name, ``<node_id>-<n>``.
 
-The supervisor gives every worker the same configuration, so with a ``node_id`` in it
-(what a machine of a multi-machine cluster naturally sets) every worker carries the same
-name. Peers are counted by name, so the workers never count each other (``/readyz`` says
-``peers: 0``), and presence keys counts by name, so one worker's answer overwrites the
-other's: ``GET /api/topics/{topic}/presence`` reports one worker's subscribers only.
+Peers are counted by name and presence keys its counts by name, so workers sharing one
+name would never count each other (``/readyz`` would say ``peers: 0``) and presence would
+report one worker's subscribers only.
 """
 
 from __future__ import annotations
@@ -12,17 +11,12 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-import pytest
 import tomli_w
 
 from tests.cluster.conftest import Subscriber, wait_for
 from tests.cluster.test_workers import Supervised
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: the supervisor hands a configured cluster.node_id to every worker unchanged",
-)
 def test_workers_sharing_a_configured_node_id_count_every_subscriber(
     tmp_path: Path, pg_url: str
 ) -> None:
@@ -44,6 +38,7 @@ def test_workers_sharing_a_configured_node_id_count_every_subscriber(
             return total
 
         wait_for(lambda: counted() == 12, "presence to count all 12 subscribers", 10)
+        assert server.nodes(30) <= {"web1-1", "web1-2"}
     finally:
         for sub in subs:
             sub.close()

@@ -192,6 +192,11 @@ class EtherdCollector(Collector):
                 "Catch-ups of every followed topic from the log (bus back, slow consumer)",
                 cluster.catch_ups,
             )
+            yield _counter(
+                "etherd_cluster_tail_reads",
+                "Topics read from the log because their newest events never came on the bus",
+                cluster.tail_reads,
+            )
             lag = HistogramMetricFamily(
                 "etherd_cluster_lag_seconds",
                 "How late events from other nodes arrive (their commit to here)",
