@@ -154,7 +154,7 @@ class Services:
             for route in routes.routes():
                 self.router.add(route.method, route.template, route.handler, streams=route.streams)
                 self.routes.append(route)
-        self.dispatch = Dispatcher(self.router)
+        self.dispatch = Dispatcher(self.router, self.state.connections.limit_hits)
         self._loop = loop
 
     def leading(self) -> bool:

@@ -35,6 +35,7 @@ class CountingSink:
     """A hub sink whose write only counts (a list of writes would grow without bound)."""
 
     __slots__ = ("alive", "bytes", "direct", "kind", "pending", "resuming", "writes")
+    max_pending = 1 << 30
 
     def __init__(self, kind: int = KIND_WS) -> None:
         self.kind = kind
@@ -45,6 +46,9 @@ class CountingSink:
         self.direct = kind == KIND_WS
         self.writes = 0
         self.bytes = 0
+
+    def slow_consumer(self) -> None:
+        self.alive = False
 
     def write(self, data: bytes) -> None:
         self.writes += 1

@@ -79,12 +79,20 @@ class HttpConfig(_Section):
     # A request must arrive whole within this time, or the connection gets 408 and closes.
     request_timeout_s: PosFloat = 30.0
     keepalive_timeout_s: PosFloat = 75.0
+    # A new connection that sends no byte of a request within this time is closed.
+    first_byte_timeout_s: PosFloat = 10.0
+    # Plain HTTP connections (not yet upgraded or streaming) across the server; past it an
+    # idle keep-alive one is closed to make room, or the new one gets 503.
+    max_connections: Pos = 10_000
+    # Bytes of one chunk's size line with its extensions (400 and close past it).
+    max_chunk_extension_bytes: Pos = 4096
     # Requests received on one connection but not yet answered; past it reading pauses.
     max_pipelined: Pos = 32
     # Requests being handled across the whole server; past it new requests get 503.
     max_inflight: Pos = 10_000
-    # Unsent response bytes per connection (SSE included) before reading pauses or,
-    # for SSE streams, the stream is dropped as a slow consumer.
+    # Bytes one connection may hold: requests read and not yet answered (past it reading
+    # pauses) or, for SSE streams, unsent bytes (past it the stream is dropped as a slow
+    # consumer).
     max_pending_bytes: Pos = 4 * 1024 * 1024
     # Browser origins (``scheme://host[:port]``) allowed to call the HTTP API and SSE from
     # another origin (CORS); "*" allows any. Empty: no CORS headers at all.
@@ -166,6 +174,12 @@ class RealtimeConfig(_Section):
     replay_max_events: Pos = 10_000
     sse_heartbeat_s: PosFloat = 15.0
     max_publish_batch: Pos = 10_000
+    # A replay is read from the store and written in pieces of about this many bytes, each
+    # once the client has taken the one before (a piece holds at least one event).
+    replay_page_bytes: Pos = 256 * 1024
+    # Replay bytes read and not yet taken by their clients, across the server; a resume
+    # that finds it spent is refused (code "overloaded") and may be retried.
+    max_replay_bytes: Pos = 64 * 1024 * 1024
 
 
 class TasksConfig(_Section):

@@ -22,6 +22,7 @@ __all__ = [
     "GOING_AWAY",
     "PEER_GONE",
     "PING_TIMEOUT",
+    "REPLAY_FAILED",
     "SLOW_CONSUMER",
     "TOKEN_EXPIRED",
     "Disconnect",
@@ -54,6 +55,7 @@ CODES: Final[dict[str, str]] = {
     "unprocessable": "the body is JSON but not what the route takes",
     "upgrade_required": "the route speaks WebSocket",
     "headers_too_large": "the request head is over its limit",
+    "http_version_not_supported": "the request line names another HTTP than 1.0 or 1.1",
     "rate_limited": "too many connections or commands; slow down",
     "internal": "the server failed; nothing was changed",
     "not_ready": "the server cannot serve this now (store down, draining)",
@@ -62,14 +64,16 @@ CODES: Final[dict[str, str]] = {
 
 
 class Refusal(Exception):
-    """A refused request: a stable ``code`` (one of ``CODES``) and a ``message``."""
+    """A refused request: a stable ``code`` (one of ``CODES``) and a ``message``; ``limit``
+    names the configuration key when a configured limit was hit (counted by kind)."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, limit: str | None = None) -> None:
         if code not in CODES:
             raise ValueError(f"unknown refusal code {code!r}")
         super().__init__(message)
         self.code = code
         self.message = message
+        self.limit = limit
 
 
 # RFC 6455 section 7.4.1 close codes, and ours in the 4000-4999 private range.
@@ -79,6 +83,7 @@ CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_UNSUPPORTED_DATA: Final = 1003
 CLOSE_INVALID_PAYLOAD: Final = 1007
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
+CLOSE_INTERNAL_ERROR: Final = 1011
 CLOSE_PING_TIMEOUT: Final = 4000
 CLOSE_TOKEN_EXPIRED: Final = 4001
 CLOSE_SLOW_CONSUMER: Final = 4008
@@ -103,6 +108,10 @@ GOING_AWAY: Final = Disconnect(CLOSE_GOING_AWAY, "server stopping; reconnect and
 PING_TIMEOUT: Final = Disconnect(CLOSE_PING_TIMEOUT, "no answer to ping")
 TOKEN_EXPIRED: Final = Disconnect(CLOSE_TOKEN_EXPIRED, "token expired; reconnect with a new token")
 SLOW_CONSUMER: Final = Disconnect(CLOSE_SLOW_CONSUMER, "slow consumer; reconnect and resume")
+# A replay could not be finished (the store failed, or retention trimmed what was left).
+REPLAY_FAILED: Final = Disconnect(
+    CLOSE_INTERNAL_ERROR, "the replay could not be read; reconnect and resume"
+)
 # The peer's own CLOSE without a code is answered with 1000 (RFC 6455 section 7.1.5).
 PEER_GONE: Final = Disconnect(CLOSE_NORMAL, "")
 

@@ -107,11 +107,13 @@ class Prepared:
 class Resuming:
     """Per-topic resume state of a sink (see the module docstring)."""
 
-    __slots__ = ("floor", "held")
+    __slots__ = ("floor", "held", "held_bytes")
 
     def __init__(self, floor: int) -> None:
         # Live events wait here while the replay is read; None once it is written.
         self.held: list[Prepared] | None = []
+        # Their bytes: they count toward the sink's cap (``Sink.max_pending``).
+        self.held_bytes = 0
         # Offsets at or below this were sent by the replay (or the client had them).
         self.floor = floor
 
@@ -170,6 +172,13 @@ class Sink(Protocol):
     # open, a WebSocket, not above its write buffer's high-water mark, and holds at most one
     # subscription, which is not a pattern. The sink keeps this up to date.
     direct: bool
+    # Bytes the sink may hold for a client that does not keep up; held live events of a
+    # topic being replayed count toward it.
+    max_pending: int
+
+    def slow_consumer(self) -> None:
+        """The sink holds more than ``max_pending`` for its client: close it."""
+        ...
 
     def send(self, data: bytes) -> None:
         """Write bytes with no checks (only called while ``direct``)."""
@@ -333,6 +342,11 @@ class Hub:
         state = resuming[prepared.topic]
         if state.held is not None:
             state.held.append(prepared)
+            state.held_bytes += len(prepared.json)
+            if state.held_bytes > sink.max_pending and sink.alive:
+                # A replay the client does not take, while the topic goes on: the held
+                # events are what it would cost, so the cap applies to them too.
+                sink.slow_consumer()
             return False
         offset = prepared.offset
         if offset is None:
@@ -368,12 +382,17 @@ class Hub:
 
     def replay(self, sink: Sink, topic: str, after: int, events: Iterable[StoredEvent]) -> None:
         """Queue a topic's replay (events after ``after``) for a sink, then ``release`` it."""
+        self.release(sink, topic, self.replay_page(sink, after, events))
+
+    def replay_page(self, sink: Sink, after: int, events: Iterable[StoredEvent]) -> int:
+        """Queue one piece of a replay for a sink; the offset it ends at (``after`` if
+        empty). Live events stay held until ``release``."""
         last = after
         kind = sink.kind
         for ev in events:
             self.queue(sink, Prepared.stored(ev).variant(kind))
             last = ev.offset
-        self.release(sink, topic, last)
+        return last
 
     def forget(self, sink: Sink, topic: str) -> None:
         """Drop a sink's resume state for a topic (on unsubscribe, or once it caught up)."""

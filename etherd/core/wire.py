@@ -17,9 +17,11 @@ from etherd.core.rfc3339 import rfc3339_ms
 __all__ = [
     "COMMAND_DECODER",
     "ENCODER",
+    "MAX_INT",
     "Command",
     "ErrorBody",
     "ErrorReply",
+    "Offset",
     "Ping",
     "Pong",
     "Presence",
@@ -44,6 +46,11 @@ __all__ = [
 EVENT_NAME_RE: Final = r"^[A-Za-z0-9_.:\-]{1,128}$"
 RESERVED_FIELDS: Final = frozenset({"type", "event", "topic", "offset", "ts"})
 
+# Offsets, counts and other numbers a client sends are 63-bit: the stores keep 64-bit signed
+# integers, and a larger number must be refused at the edge, never reach the store.
+MAX_INT: Final = 2**63 - 1
+Offset = Annotated[int, msgspec.Meta(ge=0, le=MAX_INT)]
+
 RequestId = str | int | None
 EventName = Annotated[str, msgspec.Meta(pattern=EVENT_NAME_RE)]
 TopicList = Annotated[list[str], msgspec.Meta(min_length=1)]
@@ -56,7 +63,7 @@ class Subscribe(msgspec.Struct, tag_field="action", tag="subscribe", gc=False):
     topics: TopicList
     id: RequestId = None
     # Resume positions: replay retained events with offset > since[topic], then go live.
-    since: dict[str, Annotated[int, msgspec.Meta(ge=0)]] | None = None
+    since: dict[str, Offset] | None = None
     # The epoch the positions belong to (from an earlier ack); another epoch cannot resume.
     epoch: str | None = None
 

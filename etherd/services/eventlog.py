@@ -155,10 +155,13 @@ class EventLog:
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
 
-    async def read(self, topic: str, after: int, limit: int) -> Replay:
-        """Up to ``limit`` retained events of a topic after an offset."""
+    async def read(
+        self, topic: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> Replay:
+        """Up to ``limit`` retained events of a topic after an offset (and, with
+        ``max_bytes``, about that many bytes of data at most)."""
         try:
-            return await self.store.read(topic, after, limit)
+            return await self.store.read(topic, after, limit, max_bytes)
         except StoreUnavailable as exc:
             raise _unavailable(exc) from None
 
@@ -177,20 +180,29 @@ class EventLog:
         except StoreUnavailable:
             return {}
 
-    async def resume(self, topic: str, after: int, epoch: str | None, max_events: int) -> Resumed:
-        """What a client that has everything up to ``after`` (in ``epoch``) is missing."""
+    async def resume(
+        self, topic: str, after: int, epoch: str | None, max_events: int, page_bytes: int
+    ) -> Resumed:
+        """What a client that has everything up to ``after`` (in ``epoch``) is missing: the
+        decision, and the first page of the replay (about ``page_bytes`` of data; the rest
+        is read with ``read`` as the client takes it)."""
         if epoch is not None and epoch != self.epoch:
             return Resumed(await self.head(topic), False, [])
         try:
-            replay = await self.read(topic, after, max_events + 1)
+            replay = await self.read(topic, after, max_events, page_bytes)
         except Refusal:
             return Resumed(after, False, [])
-        trimmed = replay.first > 0 and after < replay.first - 1
-        too_many = len(replay.events) > max_events
-        future = after > replay.head
+        head = replay.head
+        # Offsets of a topic are dense (each commit takes the next ones), so the head says
+        # how many events the client is missing without reading them all.
+        trimmed = (replay.first > 0 and after < replay.first - 1) or (
+            replay.first == 0 and after < head
+        )
+        too_many = head - after > max_events
+        future = after > head
         if trimmed or too_many or future:
-            return Resumed(replay.head, False, [])
-        return Resumed(replay.head, True, replay.events)
+            return Resumed(head, False, [])
+        return Resumed(head, True, replay.events)
 
     async def replayed(self, idem: Idempotency) -> IdempotentAnswer | None:
         """The first answer to an earlier request with this key, or None if it is new.

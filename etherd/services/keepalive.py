@@ -7,7 +7,8 @@ each session is checked in this order: its token expired (close 4001); a ping is
 unanswered for ``ws.ping_timeout_s`` (close 4000); it sent nothing since the last sweep
 (ping it). Anything the client sends counts as a sign of life, so a busy client is never
 pinged. SSE streams get a comment line every ``realtime.sse_heartbeat_s`` seconds, which
-keeps proxies from timing out a quiet stream.
+keeps proxies from timing out a quiet stream; a stream whose token expired gets a last
+``event: expired`` instead and ends, as a WebSocket is closed with 4001.
 """
 
 from __future__ import annotations
@@ -43,10 +44,14 @@ class Keepalive:
             elif not session.took_input():
                 session.ping(now)
 
-    def heartbeat(self) -> None:
-        """A comment line on every SSE stream."""
+    def heartbeat(self, wall: float) -> None:
+        """A comment line on every SSE stream; streams whose token expired end."""
         for stream in list(self.state.connections.streams):
-            stream.heartbeat()
+            exp = stream.expires_at
+            if exp is not None and wall >= exp:
+                stream.expire()
+            else:
+                stream.heartbeat()
 
     async def run_sessions(self) -> None:
         """Sweep the sessions forever (interval re-read from the configuration each time)."""
@@ -59,4 +64,4 @@ class Keepalive:
         """Heartbeat the SSE streams forever."""
         while True:
             await asyncio.sleep(self.state.config.realtime.sse_heartbeat_s)
-            self.heartbeat()
+            self.heartbeat(time.time())

@@ -9,15 +9,32 @@ are tracked in and the configuration in force. The session knows nothing else of
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from etherd.core.auth import Authenticator, Principal, may_subscribe
 from etherd.core.config import Config
-from etherd.core.hub import Hub
+from etherd.core.errors import Refusal
+from etherd.core.events import StoredEvent
+from etherd.core.hub import Hub, Sink
 from etherd.services.broker import Broker
 from etherd.services.eventlog import EventLog, Resumed
 from etherd.services.publisher import Publisher
 from etherd.services.state import Connections, ServerState
 
-__all__ = ["Realtime"]
+__all__ = ["Realtime", "Replaying"]
+
+
+class Replaying(Sink, Protocol):
+    """A sink a replay can be written to in pieces."""
+
+    async def taken(self) -> bool:
+        """Wait until what is queued for the client has been written and its transport is
+        below the high-water mark; False if the sink closed meanwhile."""
+        ...
+
+    def replay_failed(self) -> None:
+        """The replay cannot be finished: close, so the client resumes elsewhere or later."""
+        ...
 
 
 class Realtime:
@@ -69,10 +86,71 @@ class Realtime:
         await self.broker.follow_pattern(pattern)
 
     async def resume(self, topic: str, after: int, epoch: str | None) -> Resumed:
-        """What a client that has ``after`` of ``topic`` missed, within the replay cap."""
+        """Whether a client that has ``after`` of ``topic`` can resume (within the replay
+        cap), and the first piece of what it missed."""
+        cfg = self.state.config.realtime
         return await self.eventlog.resume(
-            topic, after, epoch, self.state.config.realtime.replay_max_events
+            topic, after, epoch, cfg.replay_max_events, cfg.replay_page_bytes
         )
+
+    def replay_refused(self, kind: str) -> Refusal | None:
+        """Why a resume may not start now (the server-wide replay budget is spent), else
+        None; a refusal is counted."""
+        limit = self.state.config.realtime.max_replay_bytes
+        connections = self.state.connections
+        if connections.replay_bytes < limit:
+            return None
+        connections.replays_refused[kind] += 1
+        connections.limit_hits["realtime.max_replay_bytes"] += 1
+        return Refusal(
+            "overloaded",
+            f"{limit} bytes of replays are already in flight (realtime.max_replay_bytes); "
+            f"retry shortly",
+            limit="realtime.max_replay_bytes",
+        )
+
+    async def replay(
+        self, sink: Replaying, topic: str, after: int, head: int, first: list[StoredEvent]
+    ) -> None:
+        """Write a recovered topic's missed events (``after`` up to ``head``) to ``sink``,
+        piece by piece, each once the client has taken the one before, then let the live
+        events held meanwhile through (``Hub.release``).
+
+        So a replay costs at most about ``realtime.replay_page_bytes`` plus the transport's
+        high-water mark per client, however large the backlog, and a client that reads as
+        fast as it is written gets all of it. Bytes read and not yet taken count toward
+        ``realtime.max_replay_bytes``.
+        """
+        hub = self.hub
+        connections = self.state.connections
+        cfg = self.state.config.realtime
+        events = first
+        last = after
+        while True:
+            size = sum(len(ev.data) for ev in events)
+            connections.replay_bytes += size
+            try:
+                last = hub.replay_page(sink, last, events)
+                taken = await sink.taken()
+            finally:
+                connections.replay_bytes -= size
+            if not taken:
+                return
+            if last >= head:
+                break
+            try:
+                page = await self.eventlog.read(
+                    topic, last, cfg.replay_max_events, cfg.replay_page_bytes
+                )
+            except Refusal:
+                page = None
+            if page is None or not page.events or page.events[0].offset != last + 1:
+                # The store failed, or retention took what was still to come: the client
+                # reconnects and resumes (and learns then if it must reload).
+                sink.replay_failed()
+                return
+            events = page.events
+        hub.release(sink, topic, last)
 
     def subjects(self, topic: str) -> list[str]:
         """The bus subjects that carry ``topic``'s events to this node (none without a bus)."""

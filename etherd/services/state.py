@@ -64,6 +64,10 @@ class Stream(Protocol):
         """Send a comment line so proxies keep the stream open."""
         ...
 
+    def expire(self) -> None:
+        """The token expired: say so on the stream and end it."""
+        ...
+
     def end(self) -> None:
         """Finish the response and close the connection."""
         ...
@@ -99,6 +103,12 @@ class Connections:
         self.sessions_accepted = 0
         # Connections closed because their unsent bytes passed the cap, by kind.
         self.slow_consumer_closes: Counter[str] = Counter()
+        # Refusals and closes because a configured limit was hit, by its key.
+        self.limit_hits: Counter[str] = Counter()
+        # Resumes refused because the server-wide replay budget was spent, by kind.
+        self.replays_refused: Counter[str] = Counter()
+        # Replay bytes read from the store and not yet taken by their clients.
+        self.replay_bytes = 0
 
     def session_opened(self, session: Session) -> None:
         """Track an accepted WebSocket session."""

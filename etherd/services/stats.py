@@ -94,6 +94,21 @@ class RuntimeStats:
         return self._state.connections.slow_consumer_closes
 
     @property
+    def limit_hits(self) -> Mapping[str, int]:
+        """Refusals and closes because a configured limit was hit, by the limit's key."""
+        return self._state.connections.limit_hits
+
+    @property
+    def replays_refused(self) -> Mapping[str, int]:
+        """Resumes refused because the server-wide replay budget was spent, by kind."""
+        return self._state.connections.replays_refused
+
+    @property
+    def replay_bytes(self) -> int:
+        """Replay bytes read from the store and not yet taken by their clients."""
+        return self._state.connections.replay_bytes
+
+    @property
     def inflight(self) -> int:
         """HTTP requests being handled."""
         return self._state.inflight

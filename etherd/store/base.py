@@ -152,8 +152,11 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
-    async def read(self, topic: str, after: int, limit: int) -> Replay:
-        """Up to ``limit`` events of ``topic`` with offset > ``after``, oldest first."""
+    async def read(
+        self, topic: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> Replay:
+        """Up to ``limit`` events of ``topic`` with offset > ``after``, oldest first; with
+        ``max_bytes``, no more events once their data passes it (but always the first)."""
 
     @abc.abstractmethod
     async def head(self, topic: str) -> int:

@@ -185,6 +185,20 @@ LEFT JOIN LATERAL (
     WHERE topic = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3
 ) AS e ON true
 """
+# The same, stopping once the events' data passes $4 bytes (the first event always comes).
+_READ_BYTES = """
+SELECT b.head, b.first, e."offset", e.ts_ms, e.event, e.data
+FROM (SELECT (SELECT head FROM topic_heads WHERE topic = $1) AS head,
+             (SELECT min("offset") FROM events WHERE topic = $1) AS first) AS b
+LEFT JOIN LATERAL (
+    SELECT "offset", ts_ms, event, data FROM (
+        SELECT "offset", ts_ms, event, data,
+               sum(octet_length(data)) OVER (ORDER BY "offset") - octet_length(data) AS before
+        FROM (SELECT "offset", ts_ms, event, data FROM events
+              WHERE topic = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3) AS page
+    ) AS w WHERE before < $4 ORDER BY "offset"
+) AS e ON true
+"""
 
 _SPANS = """
 SELECT h.topic, h.head, f."offset", f.ts_ms
@@ -463,9 +477,14 @@ class PostgresStore(Store):
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def read(self, topic: str, after: int, limit: int) -> Replay:
+    async def read(
+        self, topic: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> Replay:
         async with self._conn() as con:
-            rows = await con.fetch(_READ, topic, after, limit)
+            if max_bytes is None:
+                rows = await con.fetch(_READ, topic, after, limit)
+            else:
+                rows = await con.fetch(_READ_BYTES, topic, after, limit, max_bytes)
         head, first = rows[0][0] or 0, rows[0][1] or 0
         events = [StoredEvent(topic, r[2], r[3], r[4], r[5]) for r in rows if r[2] is not None]
         return Replay(events, first, head)

@@ -47,6 +47,16 @@ _READ_EVENTS = (
     'SELECT "offset", ts_ms, event, data FROM events '
     'WHERE topic = ? AND "offset" > ? ORDER BY "offset" LIMIT ?'
 )
+# The same, stopping once the events' data passes the last parameter's bytes (the first
+# event always comes).
+_READ_EVENTS_BYTES = (
+    'SELECT "offset", ts_ms, event, data FROM ('
+    ' SELECT "offset", ts_ms, event, data,'
+    ' sum(length(data)) OVER (ORDER BY "offset") - length(data) AS before FROM ('
+    '  SELECT "offset", ts_ms, event, data FROM events'
+    '  WHERE topic = ? AND "offset" > ? ORDER BY "offset" LIMIT ?))'
+    ' WHERE before < ? ORDER BY "offset"'
+)
 _READ_BOUNDS = (
     "SELECT (SELECT head FROM topic_heads WHERE topic = ?1),"
     ' (SELECT min("offset") FROM events WHERE topic = ?1)'
@@ -290,15 +300,21 @@ class SqliteStore(Store):
 
     # -- reads -----------------------------------------------------------------------------
 
-    async def read(self, topic: str, after: int, limit: int) -> Replay:
-        return await self._read(self._read_sync, topic, after, limit)
+    async def read(
+        self, topic: str, after: int, limit: int, max_bytes: int | None = None
+    ) -> Replay:
+        return await self._read(self._read_sync, topic, after, limit, max_bytes)
 
-    def _read_sync(self, topic: str, after: int, limit: int) -> Replay:
+    def _read_sync(self, topic: str, after: int, limit: int, max_bytes: int | None) -> Replay:
         con = self._rcon
         assert con is not None
         con.execute("BEGIN")  # one snapshot for the events and the bounds
         try:
-            rows = con.execute(_READ_EVENTS, (topic, after, limit)).fetchall()
+            if max_bytes is None:
+                rows = con.execute(_READ_EVENTS, (topic, after, limit)).fetchall()
+            else:
+                query = (topic, after, limit, max_bytes)
+                rows = con.execute(_READ_EVENTS_BYTES, query).fetchall()
             head, first = con.execute(_READ_BOUNDS, (topic,)).fetchone()
         finally:
             con.execute("COMMIT")

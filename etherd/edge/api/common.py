@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final, Literal, NamedTuple, TypeVar
 
@@ -18,7 +19,7 @@ import msgspec
 from etherd.core.auth import Authenticator, AuthError, Principal
 from etherd.core.errors import Refusal
 from etherd.core.events import Idempotency, IdempotentAnswer
-from etherd.core.wire import ENCODER
+from etherd.core.wire import ENCODER, MAX_INT
 from etherd.edge.http.request import Request
 from etherd.edge.http.response import Headers, Response, Result, error_response
 from etherd.edge.http.router import LabelledRouter
@@ -38,8 +39,10 @@ __all__ = [
     "authenticate",
     "decode_json",
     "idempotency",
+    "int_param",
     "int_query",
     "json_response",
+    "parse_int",
 ]
 
 log = logging.getLogger("etherd")
@@ -116,8 +119,29 @@ TOKEN_QUERY: Final = Param(
     {"type": "string"},
     description="The bearer token, for clients that cannot set headers (browsers)",
 )
-# Offsets and counts are 63-bit integers: the stores keep 64-bit signed numbers.
-MAX_INT: Final = 2**63 - 1
+
+
+def parse_int(text: str, name: str) -> int:
+    """A non-negative decimal integer a client sent, below 2^63.
+
+    Raises:
+        Refusal: ``bad_request`` naming ``name`` for anything else (signs, spaces,
+            non-ASCII digits that ``str.isdigit`` accepts, numbers past 63 bits).
+    """
+    if not (text.isascii() and text.isdigit()) or len(text) > 19 or int(text) > MAX_INT:
+        raise Refusal(
+            "bad_request",
+            f"{name} must be a non-negative integer below 2^63, got {text[:40]!r}",
+        )
+    return int(text)
+
+
+def int_param(request: Request, name: str, default: int) -> int:
+    """A non-negative integer query parameter (``default`` when absent or empty)."""
+    text = request.param(name)
+    if text is None or text == "":
+        return default
+    return parse_int(text, name)
 
 
 def int_query(name: str, description: str) -> Param:
@@ -129,14 +153,17 @@ def int_query(name: str, description: str) -> Param:
 class Dispatcher:
     """Routes a request and turns every refusal into its JSON error response."""
 
-    def __init__(self, router: LabelledRouter[Handler]) -> None:
+    def __init__(self, router: LabelledRouter[Handler], limit_hits: Counter[str]) -> None:
         self.router = router
+        self._limit_hits = limit_hits
 
     async def __call__(self, request: Request) -> Result:
         try:
             handler, params = self.router.resolve(request.method, request.path)
             return await handler(request, params)
         except Refusal as exc:
+            if exc.limit is not None:
+                self._limit_hits[exc.limit] += 1
             headers: Headers = ()
             if exc.code == "unauthorized":
                 headers = ((b"WWW-Authenticate", b'Bearer realm="etherd"'),)
@@ -198,6 +225,7 @@ def idempotency(request: Request, principal: Principal, max_chars: int) -> Idemp
         raise Refusal(
             "bad_request",
             f"Idempotency-Key must be 1 to {max_chars} chars (http.max_idempotency_key_chars)",
+            limit="http.max_idempotency_key_chars",
         )
     fingerprint = hashlib.sha256(request.body).hexdigest()
     return Idempotency(key, f"{principal.sub}:{request.method}:{request.path}", fingerprint)

@@ -31,10 +31,10 @@ from etherd.edge.api.common import (
     authenticate,
     decode_json,
     idempotency,
+    int_param,
     int_query,
     json_response,
 )
-from etherd.edge.api.tasks import int_param
 from etherd.edge.api.taskviews import (
     Bundle,
     ClaimablePage,
@@ -255,6 +255,7 @@ class HarnessRoutes:
             raise Refusal(
                 "payload_too_large",
                 f"user_message exceeds {limit} bytes (tasks.max_user_message_bytes)",
+                limit="tasks.max_user_message_bytes",
             )
         at = now_ms()
         return await self._change(

@@ -89,6 +89,7 @@ class PublishRoutes:
                     "payload_too_large",
                     f"{len(body.events)} events in one publish, at most {limit} "
                     f"(realtime.max_publish_batch)",
+                    limit="realtime.max_publish_batch",
                 )
             return body.events
         if body.topic is None or body.event is None:

@@ -24,6 +24,7 @@ from etherd.edge.api.common import (
     authenticate,
     int_query,
     json_response,
+    parse_int,
 )
 from etherd.edge.api.shapes import RealtimeClientConfig
 from etherd.edge.http.request import Request
@@ -124,9 +125,14 @@ class RealtimeRoutes:
             raise Refusal(
                 "rate_limited",
                 f"{principal.sub} already has {limit} connections (ws.max_connections_per_subject)",
+                limit="ws.max_connections_per_subject",
             )
         if len(connections.sessions) >= config.server.max_connections:
-            raise Refusal("overloaded", "too many connections; retry shortly")
+            raise Refusal(
+                "overloaded",
+                "too many connections (server.max_connections); retry shortly",
+                limit="server.max_connections",
+            )
         session = Session(realtime, principal, request.peer)
         key = request.headers["sec-websocket-key"]
         return Upgrade(lambda transport, req, tail: session.accept(transport, key, tail))
@@ -198,14 +204,12 @@ class RealtimeRoutes:
         since_text = request.headers.get("last-event-id") or request.param("since")
         since: int | None = None
         if since_text is not None and since_text != "":
-            if not since_text.isdigit():
-                raise Refusal(
-                    "bad_request",
-                    f"since / Last-Event-ID must be an offset, got {since_text[:40]!r}",
-                )
+            since = parse_int(since_text, "since / Last-Event-ID")
             if is_pattern(topic):
                 raise Refusal("bad_request", "resume applies to concrete topics, not to patterns")
-            since = int(since_text)
+            spent = self.realtime.replay_refused("sse")
+            if spent is not None:
+                raise spent
         stream = SseStream(self.realtime, principal, topic, since)
         return Stream(stream.start)
 

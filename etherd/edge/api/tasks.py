@@ -21,7 +21,6 @@ from etherd.core.tasks import Action, Answer, Cancel, Create, Task, task_topic
 from etherd.core.wire import ENCODER, AnswerBody, CreateTaskBody
 from etherd.edge.api.common import (
     IDEMPOTENCY_KEY,
-    MAX_INT,
     TOKEN_QUERY,
     Body,
     Param,
@@ -30,6 +29,7 @@ from etherd.edge.api.common import (
     authenticate,
     decode_json,
     idempotency,
+    int_param,
     int_query,
     json_response,
 )
@@ -50,27 +50,14 @@ from etherd.services.eventlog import EventLog
 from etherd.services.state import ServerState
 from etherd.services.taskservice import TaskService, now_ms
 
-__all__ = ["TaskRoutes", "int_param"]
-
-
-def int_param(request: Request, name: str, default: int) -> int:
-    """A non-negative integer query parameter (``default`` when absent or empty)."""
-    text = request.param(name)
-    if text is None or text == "":
-        return default
-    if not text.isdigit() or len(text) > 19 or int(text) > MAX_INT:
-        raise Refusal(
-            "bad_request",
-            f"{name} must be a non-negative integer below 2^63, got {text[:40]!r}",
-        )
-    return int(text)
+__all__ = ["TaskRoutes"]
 
 
 def _cursor(text: str | None) -> tuple[int, str] | None:
     if not text:
         return None
     ms, _, task_id = text.partition(".")
-    if not ms.isdigit() or not task_id:
+    if not (ms.isascii() and ms.isdigit()) or len(ms) > 18 or not task_id:
         raise Refusal("bad_request", "cursor is not one this server handed out")
     return int(ms), task_id
 
@@ -239,7 +226,9 @@ class TaskRoutes:
         limit = self.state.config.tasks.max_prompt_bytes
         if len(body.prompt.encode()) > limit:
             raise Refusal(
-                "payload_too_large", f"prompt exceeds {limit} bytes (tasks.max_prompt_bytes)"
+                "payload_too_large",
+                f"prompt exceeds {limit} bytes (tasks.max_prompt_bytes)",
+                limit="tasks.max_prompt_bytes",
             )
         task_id = "task_" + secrets.token_hex(10)
         at = now_ms()

@@ -48,6 +48,7 @@ from etherd.edge.http.response import (
     error_response,
     render,
 )
+from etherd.services.state import HttpConnection as Registered
 from etherd.services.state import ServerState
 from etherd.services.turns import Turn
 
@@ -62,10 +63,12 @@ OnResponse = Callable[[Request | None, int], None]
 class _Incoming:
     """A request being parsed."""
 
-    __slots__ = ("body", "head_bytes", "header_count", "headers", "url")
+    __slots__ = ("body", "framing", "head_bytes", "header_count", "headers", "url")
 
     def __init__(self) -> None:
         self.head_bytes = 0
+        # Bytes of chunked framing received since the last body byte (see data_received).
+        self.framing = 0
         self.url = b""
         self.headers: dict[str, str] = {}
         self.header_count = 0
@@ -75,10 +78,12 @@ class _Incoming:
 class _Handling:
     """A started request; ``result`` is set when its handler returns."""
 
-    __slots__ = ("request", "result", "task")
+    __slots__ = ("request", "result", "size", "task")
 
-    def __init__(self, request: Request) -> None:
+    def __init__(self, request: Request, size: int) -> None:
         self.request = request
+        # The request's bytes, counted against the connection's cap until it is answered.
+        self.size = size
         self.result: Result | None = None
         self.task: asyncio.Task[None] | None = None
 
@@ -109,6 +114,8 @@ class HttpConnection(asyncio.Protocol):
         self._max_headers = cfg.max_headers
         self._max_body = cfg.max_body_bytes
         self._max_pipelined = cfg.max_pipelined
+        self._max_held = cfg.max_pending_bytes
+        self._max_chunk_ext = cfg.max_chunk_extension_bytes
         self._cors: Cors | None = policy(tuple(cfg.cors_origins)) if cfg.cors_origins else None
         self._parser = httptools.HttpRequestParser(self)
         self.transport: asyncio.Transport | None = None
@@ -117,13 +124,19 @@ class HttpConnection(asyncio.Protocol):
         self._in_head = True
         self._head_bytes = 0
         self._completed = 0
-        # Parsed and not yet started; started and not yet answered (in request order).
-        self._queue: deque[Request] = deque()
+        # Parsed and not yet started (with its size); started and not yet answered.
+        self._queue: deque[tuple[Request, int]] = deque()
         self._running: deque[_Handling] = deque()
         # A request that may take the connection over is running: start nothing after it.
         self._barrier = False
         self._last_turn: Turn | None = None
         self._reading_paused = False
+        # Bytes this connection holds: requests parsed and not answered, answers not yet
+        # handed to the transport. Past ``http.max_pending_bytes`` reading pauses.
+        self._held = 0
+        # The transport is above its high-water mark: the client does not read its answers,
+        # so nothing new is started and nothing more is read until it drains.
+        self._write_paused = False
         self._closing = False
         # One timer per connection, moved lazily: ``_deadline`` is when ``_on_deadline``
         # is due; the handle may be set earlier and then re-aims itself when it fires.
@@ -146,26 +159,63 @@ class HttpConnection(asyncio.Protocol):
         transport = self.transport
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "-")
-        self.state.connections.http.add(self)
-        transport.set_write_buffer_limits(high=self.state.config.http.write_high_water_bytes)
-        self._arm(self.state.config.http.keepalive_timeout_s, self._idle_timeout)
+        cfg = self.state.config.http
+        http = self.state.connections.http
+        if len(http) >= cfg.max_connections and not _evict_idle(http):
+            self._closing = True
+            self.state.connections.limit_hits["http.max_connections"] += 1
+            refusal = Refusal(
+                "overloaded",
+                f"{cfg.max_connections} HTTP connections are open (http.max_connections); "
+                f"retry shortly",
+                limit="http.max_connections",
+            )
+            transport.write(render(error_response(refusal), keep_alive=False))
+            transport.close()
+            return
+        http.add(self)
+        transport.set_write_buffer_limits(high=cfg.write_high_water_bytes)
+        # Until the first request begins: a connection that says nothing is closed sooner
+        # than an idle keep-alive one.
+        self._arm(cfg.first_byte_timeout_s, self._idle_timeout)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._out.clear()
         self._release()
 
+    def pause_writing(self) -> None:
+        self._write_paused = True
+        self._pause_reading()
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        if not self._closing:
+            self._pump()
+
+    def _pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
     def data_received(self, data: bytes) -> None:
         if self._upgrade_tail is not None:
+            # Reading was paused at the upgrade request: these are bytes already read.
             self._upgrade_tail += data
             return
         if self._closing:
             return
         completed = self._completed
+        inc = self._incoming
+        in_body = inc is not None and not self._in_head
+        body_before = len(inc.body) if inc is not None else 0
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
             offset = exc.args[0] if exc.args else len(data)
             self._upgrade_tail = bytearray(data[offset:])
+            # Nothing past the upgrade request is read until its handler has answered: a
+            # WebSocket takes the bytes over, any other answer closes the connection.
+            self._pause_reading()
             self._pump()
         except httptools.HttpParserCallbackError as exc:
             cause = exc.__context__
@@ -184,6 +234,24 @@ class HttpConnection(asyncio.Protocol):
                 if self._head_bytes > self._max_head:
                     self._refuse_head()
                     return
+            elif in_body and completed == self._completed and inc is self._incoming:
+                # A chunk's size line and extensions reach no callback: bytes that brought
+                # no body byte are framing, and one chunk header may hold only so many.
+                assert inc is not None
+                if len(inc.body) != body_before:
+                    inc.framing = 0
+                else:
+                    inc.framing += len(data)
+                    if inc.framing > self._max_chunk_ext:
+                        self._fail(
+                            Refusal(
+                                "bad_request",
+                                f"a chunk header exceeds {self._max_chunk_ext} bytes "
+                                f"(http.max_chunk_extension_bytes)",
+                                limit="http.max_chunk_extension_bytes",
+                            )
+                        )
+                        return
             # Requests are started once the parser is done with these bytes, never from
             # inside its callbacks.
             if completed != self._completed:
@@ -194,10 +262,15 @@ class HttpConnection(asyncio.Protocol):
             Refusal(
                 "headers_too_large",
                 f"request line and headers exceed {self._max_head} bytes (http.max_header_bytes)",
+                limit="http.max_header_bytes",
             )
         )
 
     # -- httptools callbacks ---------------------------------------------------------------
+
+    def on_chunk_header(self) -> None:
+        if self._incoming is not None:
+            self._incoming.framing = 0
 
     def on_message_begin(self) -> None:
         self._incoming = _Incoming()
@@ -216,6 +289,7 @@ class HttpConnection(asyncio.Protocol):
             raise Refusal(
                 "headers_too_large",
                 f"request line and headers exceed {self._max_head} bytes (http.max_header_bytes)",
+                limit="http.max_header_bytes",
             )
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -226,6 +300,7 @@ class HttpConnection(asyncio.Protocol):
             raise Refusal(
                 "headers_too_large",
                 f"more than {self._max_headers} header fields (http.max_headers)",
+                limit="http.max_headers",
             )
         self._count_head(len(name) + len(value) + 4)
         key = name.decode("latin-1").lower()
@@ -238,14 +313,21 @@ class HttpConnection(asyncio.Protocol):
         assert inc is not None
         # From here on the head is complete; body bytes are counted in on_body.
         self._in_head = False
+        version = self._parser.get_http_version()
+        if version != "1.1" and version != "1.0":
+            raise Refusal(
+                "http_version_not_supported",
+                f"HTTP/{version} is not served here; send HTTP/1.1 (or HTTP/1.0)",
+            )
         length = inc.headers.get("content-length")
         if length is not None:
-            if not length.isdigit():
+            if not (length.isascii() and length.isdigit()):
                 raise Refusal("bad_request", f"Content-Length must be digits, got {length!r}")
             if int(length) > self._max_body:
                 raise Refusal(
                     "payload_too_large",
                     f"body of {length} bytes exceeds {self._max_body} (http.max_body_bytes)",
+                    limit="http.max_body_bytes",
                 )
         if inc.headers.get("expect", "").lower() == "100-continue" and self.transport:
             # After the answers before it: those may still be waiting in ``_out``.
@@ -260,6 +342,7 @@ class HttpConnection(asyncio.Protocol):
             raise Refusal(
                 "payload_too_large",
                 f"body exceeds {self._max_body} bytes (http.max_body_bytes)",
+                limit="http.max_body_bytes",
             )
 
     def on_message_complete(self) -> None:
@@ -283,14 +366,14 @@ class HttpConnection(asyncio.Protocol):
             parser.should_upgrade(),
             self.peer,
         )
-        self._queue.append(request)
+        size = inc.head_bytes + len(inc.body)
+        self._queue.append((request, size))
+        self._held += size
         if (
             len(self._queue) + len(self._running) >= self._max_pipelined
-            and self.transport
-            and not self._reading_paused
+            or self._held > self._max_held
         ):
-            self._reading_paused = True
-            self.transport.pause_reading()
+            self._pause_reading()
 
     # -- answering -------------------------------------------------------------------------
 
@@ -307,7 +390,10 @@ class HttpConnection(asyncio.Protocol):
             return
         if (
             self._reading_paused
+            and not self._write_paused
+            and self._upgrade_tail is None
             and len(self._queue) + len(self._running) < self._max_pipelined // 2
+            and self._held <= self._max_held // 2
         ):
             self._reading_paused = False
             if self.transport:
@@ -320,10 +406,10 @@ class HttpConnection(asyncio.Protocol):
         queue = self._queue
         running = self._running
         started = False
-        while queue and not self._barrier and not self._closing:
+        while queue and not self._barrier and not self._closing and not self._write_paused:
             if len(running) >= self._max_pipelined:
                 break
-            request = queue[0]
+            request, size = queue[0]
             barrier = request.upgrade or self._streams(request.method, request.path)
             if barrier and running:
                 break  # it waits until everything before it is answered
@@ -332,7 +418,7 @@ class HttpConnection(asyncio.Protocol):
             turn = Turn(self._last_turn, self._loop)
             self._last_turn = turn
             request.turn = turn
-            handling = _Handling(request)
+            handling = _Handling(request, size)
             running.append(handling)
             handling.task = self._loop.create_task(self._handle(handling, turn))
             started = True
@@ -356,8 +442,11 @@ class HttpConnection(asyncio.Protocol):
         state = self.state
         if state.inflight >= state.config.http.max_inflight:
             turn.done()
+            state.connections.limit_hits["http.max_inflight"] += 1
             return error_response(
-                Refusal("overloaded", "too many requests in flight; retry shortly")
+                Refusal(
+                    "overloaded", "too many requests in flight (http.max_inflight); retry shortly"
+                )
             )
         state.inflight += 1
         try:
@@ -375,6 +464,7 @@ class HttpConnection(asyncio.Protocol):
         answered = False
         while running and running[0].result is not None:
             handling = running.popleft()
+            self._held -= handling.size
             answered = True
             assert handling.result is not None
             if not self._answer(handling.request, handling.result):
@@ -406,6 +496,7 @@ class HttpConnection(asyncio.Protocol):
         """The connection stopped serving requests: nothing after this is answered."""
         self._queue.clear()
         self._running.clear()
+        self._held = 0
 
     def _answer(self, request: Request, result: Result) -> bool:
         """Write one answer; False when the connection stops serving requests."""
@@ -417,12 +508,14 @@ class HttpConnection(asyncio.Protocol):
             tail = bytes(self._upgrade_tail or b"")
             self._upgrade_tail = None
             self._release()
+            self._hand_over(transport)
             result.handoff(transport, request, tail)
             return False
         cors = self._cors.headers_for(request) if self._cors is not None else ()
         if isinstance(result, Stream):
             self._flush_out()
             self._release()
+            self._hand_over(transport)
             result.start(transport, cors)
             self._on_response(request, 200)
             return False
@@ -447,8 +540,17 @@ class HttpConnection(asyncio.Protocol):
 
     # -- failure and timers ----------------------------------------------------------------
 
+    def _hand_over(self, transport: asyncio.Transport) -> None:
+        """The connection goes to another protocol, which reads from now on (a stream drops
+        what it reads, a WebSocket frames it)."""
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+
     def _fail(self, exc: Refusal) -> None:
         """Answer a request that could not be parsed, then close: the stream is lost."""
+        if exc.limit is not None:
+            self.state.connections.limit_hits[exc.limit] += 1
         self._closing = True
         self._disarm()
         self._incoming = None
@@ -511,6 +613,7 @@ class HttpConnection(asyncio.Protocol):
                     "request_timeout",
                     f"the request did not arrive whole within "
                     f"{self.state.config.http.request_timeout_s:g} s (http.request_timeout_s)",
+                    limit="http.request_timeout_s",
                 )
             )
 
@@ -531,3 +634,18 @@ class HttpConnection(asyncio.Protocol):
     def busy(self) -> bool:
         """Whether a request is being answered or waiting to be."""
         return bool(self._running or self._queue)
+
+
+def _evict_idle(connections: set[Registered], scan: int = 64) -> bool:
+    """Close one idle keep-alive connection to make room for a new one; whether one was.
+
+    Only a few are looked at: at the cap most connections are either idle (then the first
+    few do) or all busy (then none will).
+    """
+    for n, conn in enumerate(connections):
+        if n >= scan:
+            break
+        if conn.close_if_idle():
+            connections.discard(conn)
+            return True
+    return False

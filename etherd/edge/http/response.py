@@ -51,6 +51,7 @@ STATUS: Final[dict[str, int]] = {
     "unprocessable": 422,
     "upgrade_required": 426,
     "headers_too_large": 431,
+    "http_version_not_supported": 505,
     "rate_limited": 429,
     "internal": 500,
     "not_ready": 503,

@@ -53,6 +53,13 @@ class SseStream(asyncio.Protocol):
         # Event-stream chunks differ from the WebSocket bytes a segment hands out directly.
         self.direct = False
         self.send = self.write
+        self.max_pending = realtime.config.http.max_pending_bytes
+        # Above the transport's high-water mark (``pause_writing``), and a replay waiting
+        # for it to drain.
+        self.paused = False
+        self._taken: asyncio.Future[None] | None = None
+        # The stream's last bytes are queued: it closes once they are written.
+        self._ending = False
 
     def __hash__(self) -> int:
         return id(self)
@@ -106,9 +113,40 @@ class SseStream(asyncio.Protocol):
                 {"topic": self.topic, "offset": resumed.offset, "epoch": self.realtime.epoch}
             )
             hub.queue(self, sse_chunk(b"event: reset\ndata: " + body + b"\n\n"))
-            hub.replay(self, self.topic, resumed.offset, [])
+            hub.release(self, self.topic, resumed.offset)
             return
-        hub.replay(self, self.topic, since, resumed.events)
+        await self.realtime.replay(self, self.topic, since, resumed.offset, resumed.events)
+
+    # -- replay in pieces ------------------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._taken
+        if waiter is not None:
+            self._taken = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def taken(self) -> bool:
+        """Wait until what is queued is written and the transport is below its high-water
+        mark; False if the stream ended meanwhile."""
+        while self.alive and (self.pending or self.paused):
+            waiter = asyncio.get_running_loop().create_future()
+            self._taken = waiter
+            await waiter
+        return self.alive
+
+    def replay_failed(self) -> None:
+        """The replay cannot be finished: end the stream; the client reconnects with
+        ``Last-Event-ID`` and resumes."""
+        self.end()
+        self._wake()
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -122,6 +160,7 @@ class SseStream(asyncio.Protocol):
         hub.unsubscribe(self.topic, self)
         hub.forget(self, self.topic)
         self.pending.clear()
+        self._wake()
         self.realtime.connections.streams.discard(self)
 
     # -- sink ------------------------------------------------------------------------------
@@ -132,15 +171,43 @@ class SseStream(asyncio.Protocol):
         if transport is None or not self.alive:
             return
         transport.write(data)
-        if transport.get_write_buffer_size() > self.realtime.config.http.max_pending_bytes:
-            self.realtime.connections.slow_consumer_closes["sse"] += 1
+        if self._ending:
             self.alive = False
-            transport.abort()
+            transport.close()
+            self._wake()
+        elif transport.get_write_buffer_size() > self.max_pending:
+            self.slow_consumer()
+        elif not self.paused and self._taken is not None:
+            self._wake()
+
+    def slow_consumer(self) -> None:
+        """Drop a stream whose unsent bytes passed the cap; the client resumes."""
+        if not self.alive or self.transport is None:
+            return
+        connections = self.realtime.connections
+        connections.slow_consumer_closes["sse"] += 1
+        connections.limit_hits["http.max_pending_bytes"] += 1
+        self.alive = False
+        self.transport.abort()
+        self._wake()
 
     def heartbeat(self) -> None:
         """A comment line, so proxies keep a quiet stream open."""
         if self.alive:
             self.realtime.hub.queue(self, HEARTBEAT)
+
+    def expire(self) -> None:
+        """The token expired: a last ``expired`` event, then the stream ends (the client
+        reconnects with a new token and ``Last-Event-ID``)."""
+        if not self.alive or self._ending:
+            return
+        self._ending = True
+        hub = self.realtime.hub
+        # Nothing is queued after the end: the stream leaves the topic now.
+        hub.unsubscribe(self.topic, self)
+        hub.forget(self, self.topic)
+        body = ENCODER.encode({"topic": self.topic, "exp": self.principal.exp})
+        hub.queue(self, sse_chunk(b"event: expired\ndata: " + body + b"\n\n") + _LAST_CHUNK)
 
     def end(self) -> None:
         """Finish the response with the last chunk and close."""

@@ -102,6 +102,28 @@ class EtherdCollector(Collector):
         for kind in ("ws", "sse"):
             slow.add_metric([kind], closes.get(kind, 0))
         yield slow
+        refused = CounterMetricFamily(
+            "etherd_replays_refused",
+            "Resumes refused because realtime.max_replay_bytes was in flight, by kind",
+            labels=["kind"],
+        )
+        for kind in ("ws", "sse"):
+            refused.add_metric([kind], st.replays_refused.get(kind, 0))
+        yield refused
+        yield GaugeMetricFamily(
+            "etherd_replay_bytes",
+            "Replay bytes read from the store and not yet taken by their clients",
+            value=st.replay_bytes,
+        )
+        hits = CounterMetricFamily(
+            "etherd_limit_hits",
+            "Requests refused and connections closed because a configured limit was hit, "
+            "by the limit's configuration key",
+            labels=["limit"],
+        )
+        for key, n in sorted(st.limit_hits.items()):
+            hits.add_metric([key], n)
+        yield hits
 
         # HTTP.
         requests = CounterMetricFamily(

@@ -32,6 +32,7 @@ import logging
 from typing import Final
 
 from etherd.core.errors import (
+    CLOSE_MESSAGE_TOO_BIG,
     PEER_GONE,
     Disconnect,
     echo_close,
@@ -240,6 +241,8 @@ class WebSocket(asyncio.Protocol):
         if self.closed:
             return
         self.closed = True
+        if disconnect.code == CLOSE_MESSAGE_TOO_BIG:
+            self.on_limit("ws.max_message_bytes")
         transport = self.transport
         if transport is None:
             return
@@ -257,6 +260,9 @@ class WebSocket(asyncio.Protocol):
 
     def on_closed(self) -> None:
         """The session ended or is ending; drop what it holds. Idempotent."""
+
+    def on_limit(self, key: str) -> None:
+        """A configured limit (named by its key) closed the session."""
 
 
 class Echo(WebSocket):

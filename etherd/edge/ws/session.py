@@ -30,7 +30,7 @@ from collections.abc import Awaitable, Callable
 import msgspec
 
 from etherd.core.auth import AuthError, Principal
-from etherd.core.errors import SLOW_CONSUMER, Refusal, binary_message
+from etherd.core.errors import REPLAY_FAILED, SLOW_CONSUMER, Refusal, binary_message
 from etherd.core.events import StoredEvent
 from etherd.core.frames import ws_text_frame
 from etherd.core.hub import KIND_WS, Pending, Resuming
@@ -73,10 +73,11 @@ class Session(WebSocket):
     __slots__ = (
         "_busy",
         "_commands",
-        "_max_pending",
         "_publishing",
+        "_taken",
         "alive",
         "direct",
+        "max_pending",
         "patterns",
         "peer",
         "pending",
@@ -103,7 +104,9 @@ class Session(WebSocket):
         self.alive = False
         self.direct = False
         self.send: Callable[[bytes], None] = _nowhere
-        self._max_pending = cfg.max_pending_bytes
+        self.max_pending = cfg.max_pending_bytes
+        # A replay waiting for the client to take its last piece (see ``taken``).
+        self._taken: asyncio.Future[None] | None = None
         # Created on first use: most sessions never queue a command (an empty deque is
         # about 0.6 KB, per connection).
         self._commands: deque[Command] | None = None
@@ -162,6 +165,27 @@ class Session(WebSocket):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._refresh_direct()
+        self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._taken
+        if waiter is not None:
+            self._taken = None
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def taken(self) -> bool:
+        """Wait until what is queued for the client is written and the transport is below
+        its high-water mark; False if the session closed meanwhile."""
+        while not self.closed and (self.pending or self.paused):
+            waiter = asyncio.get_running_loop().create_future()
+            self._taken = waiter
+            await waiter
+        return not self.closed
+
+    def replay_failed(self) -> None:
+        """A replay could not be finished: close (1011); the client resumes."""
+        self.close(REPLAY_FAILED)
 
     def on_closed(self) -> None:
         self.alive = False
@@ -171,6 +195,7 @@ class Session(WebSocket):
             self.topics.clear()
         self.resuming = None
         self.pending.clear()
+        self._wake()
         self.realtime.connections.session_closed(self)
 
     # -- sink ------------------------------------------------------------------------------
@@ -185,14 +210,23 @@ class Session(WebSocket):
         if self.closed or transport is None:
             return
         transport.write(data)
-        if self.paused and transport.get_write_buffer_size() > self._max_pending:
-            self.slow_consumer()
+        if self.paused:
+            if transport.get_write_buffer_size() > self.max_pending:
+                self.slow_consumer()
+        elif self._taken is not None:
+            self._wake()
 
     def slow_consumer(self) -> None:
         """Close a session whose unsent bytes passed the cap; it resumes with ``since``."""
+        if self.closed:
+            return
         self.realtime.connections.slow_consumer_closes["ws"] += 1
+        self.realtime.connections.limit_hits["ws.max_pending_bytes"] += 1
         self.alive = False
         self.close(SLOW_CONSUMER)
+
+    def on_limit(self, key: str) -> None:
+        self.realtime.connections.limit_hits[key] += 1
 
     # -- commands --------------------------------------------------------------------------
 
@@ -213,6 +247,7 @@ class Session(WebSocket):
             if self._commands is None:
                 self._commands = deque()
             if len(self._commands) >= limit:
+                self.realtime.connections.limit_hits["ws.max_queued_commands"] += 1
                 self.reply(
                     ErrorReply(
                         command.id,
@@ -259,6 +294,7 @@ class Session(WebSocket):
     def _publish(self, command: Publish) -> None:
         limit = self.realtime.config.ws.max_inflight_publishes
         if self._publishing >= limit:
+            self.realtime.connections.limit_hits["ws.max_inflight_publishes"] += 1
             self.reply(
                 ErrorReply(
                     command.id,
@@ -349,10 +385,8 @@ class Session(WebSocket):
 
     async def _subscribe(self, command: Subscribe) -> None:
         realtime = self.realtime
-        hub = realtime.hub
         cfg = realtime.config.ws
         since = command.since or {}
-        acks: list[TopicAck] = []
         refusals: list[TopicRefusal] = []
         accepted: list[str] = []
         seen: set[str] = set()
@@ -368,6 +402,10 @@ class Session(WebSocket):
                 cfg.max_topics_per_connection - new_topics,
                 cfg.max_patterns_per_connection - new_patterns,
             )
+            if refusal is None and topic in since:
+                spent = realtime.replay_refused("ws")
+                if spent is not None:
+                    refusal = TopicRefusal(topic, spent.code, spent.message)
             if refusal is not None:
                 refusals.append(refusal)
                 continue
@@ -383,40 +421,78 @@ class Session(WebSocket):
         if self.is_closed():
             return
         fresh = [t for t in accepted if t not in self.topics]
+        resumes = {t: since[t] for t in accepted if t in since}
+        self._register(fresh, resumes)
+        try:
+            acks, replays = await self._positions(accepted, resumes, fresh, command.epoch)
+        except BaseException:
+            # Nothing of a failed subscribe stays registered: no hold, no subscription.
+            self._unregister(fresh, resumes)
+            raise
+        if self.is_closed():
+            return
+        self.reply(Subscribed(command.id, acks, refusals))
+        for topic, (after, head, events) in replays.items():
+            if self.is_closed():
+                return
+            if head is None:
+                self.realtime.hub.release(self, topic, after)
+            else:
+                await realtime.replay(self, topic, after, head, events)
+
+    def _register(self, fresh: list[str], resumes: dict[str, int]) -> None:
+        """Hold the resumed topics' live events, then subscribe the new topics."""
+        hub = self.realtime.hub
         for topic in fresh:
             self.topics.add(topic)
             if is_pattern(topic):
                 self.patterns += 1
-        resumes = {t: since[t] for t in accepted if t in since}
         for topic, after in resumes.items():
             hub.hold(self, topic, after)
         for topic in fresh:
             hub.subscribe(topic, self)
         self._refresh_direct()
+
+    def _unregister(self, fresh: list[str], resumes: dict[str, int]) -> None:
+        hub = self.realtime.hub
+        for topic in resumes:
+            hub.forget(self, topic)
+        for topic in fresh:
+            if topic in self.topics:
+                self.topics.discard(topic)
+                hub.unsubscribe(topic, self)
+                if is_pattern(topic):
+                    self.patterns -= 1
+        self._refresh_direct()
+
+    async def _positions(
+        self, accepted: list[str], resumes: dict[str, int], fresh: list[str], epoch: str | None
+    ) -> tuple[list[TopicAck], dict[str, tuple[int, int | None, list[StoredEvent]]]]:
+        """Follow the accepted topics and read where each stands; for resumed ones, the
+        first piece of the replay. Replays map topic -> (offset the replay starts after,
+        head it ends at or None when there is nothing to replay, first events)."""
+        realtime = self.realtime
         for topic in fresh:
             if is_pattern(topic):
                 await realtime.follow_pattern(topic)
-        # topic -> (offset the replay starts after, events to replay)
-        replays: dict[str, tuple[int, list[StoredEvent]]] = {}
-        epoch = realtime.epoch
+        acks: list[TopicAck] = []
+        replays: dict[str, tuple[int, int | None, list[StoredEvent]]] = {}
+        current = realtime.epoch
         for topic in accepted:
             if topic in resumes:
                 # Followed first: every live event past what the replay reads reaches us.
                 await realtime.follow(topic)
-                resumed = await realtime.resume(topic, resumes[topic], command.epoch)
-                ack = TopicAck(topic, resumed.offset, epoch, resumed.recovered)
-                # Not recovered: the client reloads over HTTP and continues after the head.
-                start = resumes[topic] if resumed.recovered else resumed.offset
-                replays[topic] = (start, resumed.events)
+                resumed = await realtime.resume(topic, resumes[topic], epoch)
+                acks.append(TopicAck(topic, resumed.offset, current, resumed.recovered))
+                if resumed.recovered:
+                    replays[topic] = (resumes[topic], resumed.offset, resumed.events)
+                else:
+                    # The client reloads over HTTP and continues after the head.
+                    replays[topic] = (resumed.offset, None, [])
             else:
                 head = 0 if is_pattern(topic) else await realtime.follow(topic)
-                ack = TopicAck(topic, head, epoch, True)
-            acks.append(ack)
-        if self.is_closed():
-            return
-        self.reply(Subscribed(command.id, acks, refusals))
-        for topic, (after, events) in replays.items():
-            hub.replay(self, topic, after, events)
+                acks.append(TopicAck(topic, head, current, True))
+        return acks, replays
 
     async def _check(
         self, topic: str, resuming: bool, topics_left: int, patterns_left: int
@@ -436,6 +512,7 @@ class Session(WebSocket):
             return None
         cfg = self.realtime.config.ws
         if len(self.topics) >= topics_left:
+            self.realtime.connections.limit_hits["ws.max_topics_per_connection"] += 1
             return TopicRefusal(
                 topic,
                 "limit",
@@ -443,6 +520,7 @@ class Session(WebSocket):
                 f"(ws.max_topics_per_connection)",
             )
         if pattern and self.patterns >= patterns_left:
+            self.realtime.connections.limit_hits["ws.max_patterns_per_connection"] += 1
             return TopicRefusal(
                 topic,
                 "limit",

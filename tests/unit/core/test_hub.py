@@ -16,6 +16,8 @@ from etherd.core.hub import KIND_SSE, KIND_WS, Hub, Pending, Prepared, Resuming
 class FakeSink:
     """A subscriber that records its writes; ``direct`` WebSocket sinks by default."""
 
+    max_pending = 1 << 30
+
     def __init__(self, kind: int = KIND_WS, direct: bool | None = None) -> None:
         self.kind = kind
         self.pending: list[Pending] = []
@@ -23,6 +25,7 @@ class FakeSink:
         self.alive = True
         self.direct = kind == KIND_WS if direct is None else direct
         self.writes: list[bytes] = []
+        self.slow = False
         self.sends = 0
 
     def send(self, data: bytes) -> None:
@@ -35,6 +38,10 @@ class FakeSink:
 
     def close(self) -> None:
         self.alive = self.direct = False
+
+    def slow_consumer(self) -> None:
+        self.slow = True
+        self.close()
 
     def __hash__(self) -> int:
         return id(self)

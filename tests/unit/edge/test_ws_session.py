@@ -16,6 +16,7 @@ import msgspec
 
 from etherd.core.auth import Principal, Role
 from etherd.core.config import Config
+from etherd.core.errors import Refusal
 from etherd.core.events import StoredEvent
 from etherd.core.hub import Hub, Prepared
 from etherd.core.wire import event_json
@@ -94,6 +95,17 @@ class FakeRealtime:
     async def resume(self, topic: str, after: int, epoch: str | None) -> Resumed:
         events = [e for e in self.log.get(topic, []) if e.offset > after]
         return Resumed(await self.head(topic), True, events)
+
+    def replay_refused(self, kind: str) -> Refusal | None:
+        return None
+
+    async def replay(
+        self, sink: Session, topic: str, after: int, head: int, first: list[StoredEvent]
+    ) -> None:
+        # The whole replay is the first piece here (``resume`` reads everything).
+        last = self.hub.replay_page(sink, after, first)
+        if await sink.taken():
+            self.hub.release(sink, topic, last)
 
     def store(self, topic: str, n: int) -> list[StoredEvent]:
         events = self.log.setdefault(topic, [])
