@@ -9,6 +9,7 @@ are tracked in and the configuration in force. The session knows nothing else of
 
 from __future__ import annotations
 
+import asyncio
 from typing import Protocol
 
 from etherd.core.auth import Authenticator, Principal, may_subscribe
@@ -21,7 +22,43 @@ from etherd.services.eventlog import EventLog, Resumed
 from etherd.services.publisher import Publisher
 from etherd.services.state import Connections, ServerState
 
-__all__ = ["Realtime", "Replaying"]
+__all__ = ["Realtime", "Replaying", "Taking", "taken", "wake"]
+
+
+class Taking(Protocol):
+    """What ``taken`` and ``wake`` need of a sink: the future a waiting replay parks on
+    (None unless one waits, so an idle connection pays one empty slot for it)."""
+
+    waiter: asyncio.Future[None] | None
+
+    def writing(self) -> bool:
+        """Whether bytes wait for the client: queued, or above the high-water mark (and
+        the sink is still open)."""
+        ...
+
+    def is_open(self) -> bool:
+        """Whether the sink still serves its client."""
+        ...
+
+
+def wake(sink: Taking) -> None:
+    """Let a replay waiting in ``taken`` look again (a write below the high-water mark,
+    ``resume_writing``, close)."""
+    waiter = sink.waiter
+    if waiter is not None:
+        sink.waiter = None
+        if not waiter.done():
+            waiter.set_result(None)
+
+
+async def taken(sink: Taking) -> bool:
+    """Wait until what is queued for the client is written and the transport is below its
+    high-water mark; False if the sink closed meanwhile."""
+    while sink.writing():
+        waiter = asyncio.get_running_loop().create_future()
+        sink.waiter = waiter
+        await waiter
+    return sink.is_open()
 
 
 class Replaying(Sink, Protocol):

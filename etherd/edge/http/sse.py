@@ -23,7 +23,7 @@ from etherd.core.hub import KIND_SSE, Pending, Resuming
 from etherd.core.topics import is_pattern
 from etherd.core.wire import ENCODER
 from etherd.edge.http.response import Headers, http_date
-from etherd.services.realtime import Realtime
+from etherd.services.realtime import Realtime, taken, wake
 
 __all__ = ["HEARTBEAT", "SseStream"]
 
@@ -57,7 +57,7 @@ class SseStream(asyncio.Protocol):
         # Above the transport's high-water mark (``pause_writing``), and a replay waiting
         # for it to drain.
         self.paused = False
-        self._taken: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
         # The stream's last bytes are queued: it closes once they are written.
         self._ending = False
 
@@ -124,29 +124,25 @@ class SseStream(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.paused = False
-        self._wake()
+        wake(self)
 
-    def _wake(self) -> None:
-        waiter = self._taken
-        if waiter is not None:
-            self._taken = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def writing(self) -> bool:
+        """Whether stream bytes wait for the client (and the stream is still open)."""
+        return self.alive and (bool(self.pending) or self.paused)
 
     async def taken(self) -> bool:
-        """Wait until what is queued is written and the transport is below its high-water
-        mark; False if the stream ended meanwhile."""
-        while self.alive and (self.pending or self.paused):
-            waiter = asyncio.get_running_loop().create_future()
-            self._taken = waiter
-            await waiter
+        """Wait until the client has taken what is queued (see ``services.realtime.taken``)."""
+        return await taken(self)
+
+    def is_open(self) -> bool:
+        """Whether the stream still serves its client."""
         return self.alive
 
     def replay_failed(self) -> None:
         """The replay cannot be finished: end the stream; the client reconnects with
         ``Last-Event-ID`` and resumes."""
         self.end()
-        self._wake()
+        wake(self)
 
     # -- protocol --------------------------------------------------------------------------
 
@@ -160,7 +156,7 @@ class SseStream(asyncio.Protocol):
         hub.unsubscribe(self.topic, self)
         hub.forget(self, self.topic)
         self.pending.clear()
-        self._wake()
+        wake(self)
         self.realtime.connections.streams.discard(self)
 
     # -- sink ------------------------------------------------------------------------------
@@ -174,11 +170,11 @@ class SseStream(asyncio.Protocol):
         if self._ending:
             self.alive = False
             transport.close()
-            self._wake()
+            wake(self)
         elif transport.get_write_buffer_size() > self.max_pending:
             self.slow_consumer()
-        elif not self.paused and self._taken is not None:
-            self._wake()
+        elif not self.paused and self.waiter is not None:
+            wake(self)
 
     def slow_consumer(self) -> None:
         """Drop a stream whose unsent bytes passed the cap; the client resumes."""
@@ -189,7 +185,7 @@ class SseStream(asyncio.Protocol):
         connections.limit_hits["http.max_pending_bytes"] += 1
         self.alive = False
         self.transport.abort()
-        self._wake()
+        wake(self)
 
     def heartbeat(self) -> None:
         """A comment line, so proxies keep a quiet stream open."""

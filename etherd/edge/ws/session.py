@@ -58,7 +58,7 @@ from etherd.core.wire import (
 )
 from etherd.core.wsproto import PING
 from etherd.edge.ws.framing import WebSocket
-from etherd.services.realtime import Realtime
+from etherd.services.realtime import Realtime, taken, wake
 
 __all__ = ["Session"]
 
@@ -74,7 +74,6 @@ class Session(WebSocket):
         "_busy",
         "_commands",
         "_publishing",
-        "_taken",
         "alive",
         "direct",
         "max_pending",
@@ -86,6 +85,7 @@ class Session(WebSocket):
         "resuming",
         "send",
         "topics",
+        "waiter",
     )
 
     kind = KIND_WS
@@ -106,7 +106,7 @@ class Session(WebSocket):
         self.send: Callable[[bytes], None] = _nowhere
         self.max_pending = cfg.max_pending_bytes
         # A replay waiting for the client to take its last piece (see ``taken``).
-        self._taken: asyncio.Future[None] | None = None
+        self.waiter: asyncio.Future[None] | None = None
         # Created on first use: most sessions never queue a command (an empty deque is
         # about 0.6 KB, per connection).
         self._commands: deque[Command] | None = None
@@ -165,22 +165,18 @@ class Session(WebSocket):
     def resume_writing(self) -> None:
         super().resume_writing()
         self._refresh_direct()
-        self._wake()
+        wake(self)
 
-    def _wake(self) -> None:
-        waiter = self._taken
-        if waiter is not None:
-            self._taken = None
-            if not waiter.done():
-                waiter.set_result(None)
+    def writing(self) -> bool:
+        """Whether frames wait for the client (and the session is still open)."""
+        return not self.closed and (bool(self.pending) or self.paused)
 
     async def taken(self) -> bool:
-        """Wait until what is queued for the client is written and the transport is below
-        its high-water mark; False if the session closed meanwhile."""
-        while not self.closed and (self.pending or self.paused):
-            waiter = asyncio.get_running_loop().create_future()
-            self._taken = waiter
-            await waiter
+        """Wait until the client has taken what is queued (see ``services.realtime.taken``)."""
+        return await taken(self)
+
+    def is_open(self) -> bool:
+        """Whether the session still serves its client."""
         return not self.closed
 
     def replay_failed(self) -> None:
@@ -195,7 +191,7 @@ class Session(WebSocket):
             self.topics.clear()
         self.resuming = None
         self.pending.clear()
-        self._wake()
+        wake(self)
         self.realtime.connections.session_closed(self)
 
     # -- sink ------------------------------------------------------------------------------
@@ -213,8 +209,8 @@ class Session(WebSocket):
         if self.paused:
             if transport.get_write_buffer_size() > self.max_pending:
                 self.slow_consumer()
-        elif self._taken is not None:
-            self._wake()
+        elif self.waiter is not None:
+            wake(self)
 
     def slow_consumer(self) -> None:
         """Close a session whose unsent bytes passed the cap; it resumes with ``since``."""
