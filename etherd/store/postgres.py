@@ -185,20 +185,17 @@ LEFT JOIN LATERAL (
     WHERE topic = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3
 ) AS e ON true
 """
-# The same, stopping once the events' data passes $4 bytes (the first event always comes).
-_READ_BYTES = """
-SELECT b.head, b.first, e."offset", e.ts_ms, e.event, e.data
-FROM (SELECT (SELECT head FROM topic_heads WHERE topic = $1) AS head,
-             (SELECT min("offset") FROM events WHERE topic = $1) AS first) AS b
-LEFT JOIN LATERAL (
-    SELECT "offset", ts_ms, event, data FROM (
-        SELECT "offset", ts_ms, event, data,
-               sum(octet_length(data)) OVER (ORDER BY "offset") - octet_length(data) AS before
-        FROM (SELECT "offset", ts_ms, event, data FROM events
-              WHERE topic = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3) AS page
-    ) AS w WHERE before < $4 ORDER BY "offset"
-) AS e ON true
+# A replay page: the bounds, then the events stepped through a cursor (see ``read``).
+_BOUNDS = """
+SELECT (SELECT head FROM topic_heads WHERE topic = $1),
+       (SELECT min("offset") FROM events WHERE topic = $1)
 """
+_EVENTS = """
+SELECT "offset", ts_ms, event, data FROM events
+WHERE topic = $1 AND "offset" > $2 ORDER BY "offset" LIMIT $3
+"""
+# Rows a replay page's cursor fetches at a time: events can be large (up to the body cap).
+_PAGE_PREFETCH = 16
 
 _SPANS = """
 SELECT h.topic, h.head, f."offset", f.ts_ms
@@ -480,14 +477,31 @@ class PostgresStore(Store):
     async def read(
         self, topic: str, after: int, limit: int, max_bytes: int | None = None
     ) -> Replay:
+        if max_bytes is not None:
+            return await self._read_page(topic, after, limit, max_bytes)
         async with self._conn() as con:
-            if max_bytes is None:
-                rows = await con.fetch(_READ, topic, after, limit)
-            else:
-                rows = await con.fetch(_READ_BYTES, topic, after, limit, max_bytes)
+            rows = await con.fetch(_READ, topic, after, limit)
         head, first = rows[0][0] or 0, rows[0][1] or 0
         events = [StoredEvent(topic, r[2], r[3], r[4], r[5]) for r in rows if r[2] is not None]
         return Replay(events, first, head)
+
+    async def _read_page(self, topic: str, after: int, limit: int, max_bytes: int) -> Replay:
+        """Events stepped through a cursor and left once their data passes ``max_bytes``
+        (the first always comes): the server reads no further, so a page of a long
+        backlog costs its own rows, not every row up to ``limit``."""
+        events: list[StoredEvent] = []
+        size = 0
+        async with self._conn() as con, con.transaction(isolation="repeatable_read", readonly=True):
+            # One snapshot for the bounds and the events.
+            bounds = await con.fetchrow(_BOUNDS, topic)
+            assert bounds is not None
+            cursor = con.cursor(_EVENTS, topic, after, limit, prefetch=_PAGE_PREFETCH)
+            async for r in cursor:
+                events.append(StoredEvent(topic, r[0], r[1], r[2], r[3]))
+                size += len(r[3])
+                if size >= max_bytes:
+                    break
+        return Replay(events, bounds[1] or 0, bounds[0] or 0)
 
     async def head(self, topic: str) -> int:
         async with self._conn() as con:

@@ -131,6 +131,26 @@ def test_read_limits_first_and_head(store_url: str) -> None:
     run(body)
 
 
+def test_read_with_a_byte_cap_stops_after_the_event_that_reaches_it(store_url: str) -> None:
+    async def body() -> None:
+        async with opened(store_url) as store:
+            # Ten events of 1,000 bytes of data each.
+            big = [NewEvent("t", "e", b'"' + b"x" * 998 + b'"') for _ in range(10)]
+            await store.commit([Write(big)])
+            replay = await store.read("t", 0, 100, max_bytes=2500)
+            assert (offsets(replay.events), replay.first, replay.head) == ([1, 2, 3], 1, 10)
+            # The first event always comes, however small the cap.
+            assert offsets((await store.read("t", 4, 100, max_bytes=1)).events) == [5]
+            # The row limit still applies, and the tail ends the page.
+            assert offsets((await store.read("t", 0, 2, max_bytes=10**9)).events) == [1, 2]
+            assert offsets((await store.read("t", 8, 100, max_bytes=10**9)).events) == [9, 10]
+            replay = await store.read("t", 10, 100, max_bytes=1000)
+            assert (replay.events, replay.first, replay.head) == ([], 1, 10)
+            assert await store.read("never", 0, 10, max_bytes=1000) == Replay([], 0, 0)
+
+    run(body)
+
+
 def test_retention_by_count_trims_oldest_and_keeps_head(store_url: str) -> None:
     bulk = 2 * RETENTION_BATCH + 123
 
