@@ -8,7 +8,7 @@ DEV     := $(VENV)/.dev-installed
 BENCH   := $(VENV)/.bench-installed
 
 .PHONY: run test lint typecheck unit integration conformance openapi bench bench-micro \
-	bench-fanout bench-client bench-peers clean
+	bench-fanout bench-client bench-peers clean fuzz
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -55,6 +55,20 @@ conformance: $(DEV)
 ## openapi: write the HTTP API's OpenAPI document (what GET /api/openapi.json serves)
 openapi: $(RUNTIME)
 	$(BIN)/etherd openapi > docs/openapi.json
+
+## fuzz: every fuzz target of tests/fuzz for FUZZ_SECONDS each, from its seed corpus; what
+## it learns goes to tests/fuzz/.work/corpus/<target>, crashes to tests/fuzz/.work/crashes
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := http_request ws_commands topics tokens
+FUZZ_WORK    := tests/fuzz/.work
+fuzz: $(DEV)
+	@status=0; for target in $(FUZZ_TARGETS); do \
+		mkdir -p $(FUZZ_WORK)/corpus/$$target $(FUZZ_WORK)/crashes; \
+		echo "fuzz: $$target for $(FUZZ_SECONDS) s"; \
+		$(BIN)/python -m tests.fuzz.$$target -max_total_time=$(FUZZ_SECONDS) \
+			-artifact_prefix=$(FUZZ_WORK)/crashes/$$target- -print_final_stats=1 \
+			$(FUZZ_WORK)/corpus/$$target tests/fuzz/corpus/$$target || status=1; \
+	done; exit $$status
 
 ## bench: the standard benchmark set (a few minutes), printed as a table
 bench: bench-client bench-micro bench-fanout

@@ -395,7 +395,7 @@ class Authenticator:
             raise AuthError(f"signature does not verify against {against}")
         try:
             payload = msgspec.json.decode(compact.payload)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, UnicodeDecodeError):
             raise AuthError("token payload is not valid JSON") from None
         if not isinstance(payload, dict):
             raise AuthError("token payload is not a JSON object of claims")

@@ -42,9 +42,14 @@ def _b64decode(part: str, what: str) -> bytes:
     if not _B64URL.fullmatch(part) or len(part) % 4 == 1:
         raise JwsError(f"the {what} is not base64url")
     try:
-        return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+        raw = base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
     except (binascii.Error, ValueError):
         raise JwsError(f"the {what} is not base64url") from None
+    # The last character may carry bits the decoder drops: without this check several
+    # spellings of one signature would all verify (RFC 4648 section 3.5).
+    if _b64encode(raw) != part.encode("ascii"):
+        raise JwsError(f"the {what} is not canonical base64url (stray bits at its end)")
+    return raw
 
 
 def _b64encode(data: bytes) -> bytes:
@@ -65,7 +70,8 @@ def parse(token: str) -> Compact:
     head_b64, payload_b64, signature_b64 = parts
     try:
         header = msgspec.json.decode(_b64decode(head_b64, "header"))
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
+        # msgspec reports a string that is not UTF-8 as UnicodeDecodeError, not DecodeError.
         raise JwsError("the header is not JSON") from None
     if not isinstance(header, dict):
         raise JwsError("the header is not a JSON object")

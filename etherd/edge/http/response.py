@@ -81,7 +81,9 @@ _REASONS: Final = {
     431: b"Request Header Fields Too Large",
     500: b"Internal Server Error",
     503: b"Service Unavailable",
+    505: b"HTTP Version Not Supported",
 }
+assert set(STATUS.values()) <= _REASONS.keys(), "every refusal status needs a reason phrase"
 
 
 class Response:
