@@ -120,6 +120,8 @@ class Held:
     stalled: bool = False
     # The first bytes the server answered, where the attack read any.
     answer: bytes = b""
+    # WebSocket attacks: a reader per socket, holding what was read past the last frame.
+    readers: list[WsReader] = field(default_factory=list)
 
     def close(self) -> None:
         """Close every socket (abortively: a hostile client does not say goodbye)."""
@@ -128,6 +130,7 @@ class Held:
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             sock.close()
         self.socks.clear()
+        self.readers.clear()
 
     def __enter__(self) -> Held:
         return self
@@ -391,6 +394,7 @@ def stalled_resumes(
         for n in range(count):
             reader = ws_open(host, port, token, rcvbuf=rcvbuf)
             held.socks.append(reader.sock)
+            held.readers.append(reader)
             reader.send(
                 {"action": "subscribe", "topics": [topic], "since": {topic: since}, "id": n}
             )
@@ -638,20 +642,45 @@ def raw_request(host: str, port: int, data: bytes, timeout: float = 5.0) -> byte
 
 
 def chunk_extension(
-    host: str, port: int, ext_bytes: int, token: str = "test", timeout: float = 5.0
+    host: str,
+    port: int,
+    ext_bytes: int,
+    token: str = "test",
+    split: bool = True,
+    timeout: float = 5.0,
 ) -> bytes:
     """A chunked POST /api/publish whose first chunk header carries ``ext_bytes`` of
-    extension; the server's answer (read until it closes or ``timeout``)."""
+    extension; the server's answers (read until it closes or ``timeout``).
+
+    With ``split`` the head asks for ``100 Continue`` and the chunk header is sent only
+    once it came, so the extension reaches the server in reads of its own, as from a
+    client that streams a header that never ends; else everything goes in one write.
+    """
     body = b'{"topic":"attack/ext","event":"note","data":{}}'
-    ext = b";x=" + b"a" * max(0, ext_bytes - 3)
-    data = (
+    expect = "Expect: 100-continue\r\n" if split else ""
+    head = (
         f"POST /api/publish HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {token}\r\n"
         f"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n"
-        f"Connection: close\r\n\r\n"
-        f"{len(body):x}".encode()
-        + ext
-        + b"\r\n"
-        + body
-        + b"\r\n0\r\n\r\n"
-    )
-    return raw_request(host, port, data, timeout)
+        f"Connection: close\r\n{expect}\r\n"
+    ).encode()
+    chunk_head = f"{len(body):x}".encode() + b";x=" + b"a" * max(0, ext_bytes - 3)
+    rest = b"\r\n" + body + b"\r\n0\r\n\r\n"
+    if not split:
+        return raw_request(host, port, head + chunk_head + rest, timeout)
+    with _connect(host, port, timeout=timeout) as sock:
+        sock.sendall(head)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = sock.recv(4096)
+            if not chunk:
+                return got
+            got += chunk
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(chunk_head)
+            sock.sendall(rest)
+        try:
+            while chunk := sock.recv(65536):
+                got += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+        return got
