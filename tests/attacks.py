@@ -503,7 +503,8 @@ class SseReader:
         return True
 
     def read_head(self, timeout: float = 5.0) -> int:
-        """The status of the answer; a non-streaming answer's body is read whole."""
+        """The status of the next answer; a non-streaming answer's body is read whole
+        (into ``body``), so pipelined answers can be read one after the other."""
         deadline = time.monotonic() + timeout
         while b"\r\n\r\n" not in self.raw:
             if not self._fill(deadline):
@@ -514,10 +515,11 @@ class SseReader:
         self.raw = bytearray(rest)
         length = re.search(rb"(?im)^content-length:\s*(\d+)", head)
         if length is not None:
-            while len(self.raw) < int(length.group(1)) and self._fill(deadline):
+            size = int(length.group(1))
+            while len(self.raw) < size and self._fill(deadline):
                 pass
-            self.body = self.raw
-            self.raw = bytearray()
+            self.body = self.raw[:size]
+            del self.raw[:size]
         return self.status
 
     def _dechunk(self) -> None:
@@ -572,23 +574,28 @@ def upgrade_flood(
     total_bytes: int = 300 * 1024 * 1024,
     seconds: float = 3.0,
     stall_s: float = 1.0,
+    before: bytes = b"",
 ) -> Held:
     """A GET for ``path`` that asks for a WebSocket upgrade, then junk bytes after it.
 
-    Stops after ``total_bytes``, ``seconds``, or ``stall_s`` with nothing taken. The socket
-    stays open in the result (its answer unread beyond what the server sent first).
+    ``before`` is sent first on the same connection (requests pipelined ahead of it, so
+    the junk flows while they are handled). Stops after ``total_bytes``, ``seconds``, or
+    ``stall_s`` with nothing taken. The socket stays open in the result; ``answer`` is
+    what the server had sent when the flood ended.
     """
     sock = _connect(host, port)
     sock.sendall(
-        f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\n"
+        before
+        + f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: Upgrade\r\n"
         f"Upgrade: websocket\r\n\r\n".encode()
     )
-    sock.settimeout(5.0)
-    answer = sock.recv(65536)
     junk = os.urandom(64) * 4096
     started = time.monotonic()
     sent, stalled = _push(sock, _repeat(junk), total_bytes, seconds, stall_s)
-    return Held([sock], sent, time.monotonic() - started, stalled, answer)
+    elapsed = time.monotonic() - started
+    sock.settimeout(5.0)
+    answer = sock.recv(65536)
+    return Held([sock], sent, elapsed, stalled, answer)
 
 
 # -- 7. connections that say nothing ---------------------------------------------------------
@@ -677,7 +684,11 @@ def chunk_extension(
             got += chunk
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
             sock.sendall(chunk_head)
-            sock.sendall(rest)
+            # The rest only if the server has not answered the header by itself: sent at
+            # once, it could share a read with the header and hide it among body bytes.
+            answered, _, _ = select.select([sock], [], [], 1.0)
+            if not answered:
+                sock.sendall(rest)
         try:
             while chunk := sock.recv(65536):
                 got += chunk

@@ -287,25 +287,59 @@ def test_a_spent_replay_budget_refuses_new_resumes(tmp_path: Path, store_url: st
 # -- 3. bytes after an upgrade request on a stream -----------------------------------------
 
 
-def test_upgrade_headers_on_an_event_stream_do_not_make_the_server_buffer(hub: Etherd) -> None:
+@pytest.fixture(scope="module")
+def lagging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Etherd]:
+    """A server whose publishes wait 1.5 s for their group commit."""
+    server = make(tmp_path_factory.mktemp("lagging"), store={"batch_max_delay_ms": 1500.0})
+    yield server
+    server.kill()
+
+
+def publish_request(topic: str) -> bytes:
+    body = json.dumps({"topic": topic, "event": "first", "data": {}}).encode()
+    return (
+        f"POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer test\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+@pytest.mark.parametrize("behind_a_slow_request", [False, True])
+def test_upgrade_headers_on_an_event_stream_do_not_make_the_server_buffer(
+    lagging: Etherd, behind_a_slow_request: bool
+) -> None:
     topic = f"attack/upgrade-{uid()}"
-    before = rss(hub)
+    # Behind a publish that takes 1.5 s the stream starts late: the junk must not pile up
+    # in the meantime (reading pauses at the upgrade request until it is answered).
+    before = publish_request(topic) if behind_a_slow_request else b""
+    start = rss(lagging)
     flood = attacks.upgrade_flood(
-        H, hub.port, f"/api/events?topic={topic}&token=test", 300 * MB, seconds=3.0
+        H,
+        lagging.port,
+        f"/api/events?topic={topic}&token=test",
+        300 * MB,
+        seconds=3.0,
+        stall_s=3.0,
+        before=before,
     )
     with flood:
-        grown = peak_rss(hub, 0.5) - before
-        assert flood.answer.startswith(b"HTTP/1.1 200"), flood.answer[:200]
-        assert b"text/event-stream" in flood.answer
-        # The stream drops what the client sends: the server keeps taking bytes, and none
-        # of them stay (unbounded, the resident set grew by every byte sent).
-        assert flood.sent >= 30 * MB, f"only {flood.sent} bytes were taken"
+        grown = peak_rss(lagging, 0.5) - start
+        # Unbounded, the resident set grew by each byte sent (300 MB behind the publish).
         assert grown <= 30 * MB, f"resident set grew {grown / MB:.1f} MB for {flood.sent}"
-        healthy_within(hub)
-        offset = hub.publish(topic, "after", n=1)["published"][0]["offset"]
+        healthy_within(lagging)
         reader = SseReader(flood.socks[0])
         reader.raw += flood.answer
+        if behind_a_slow_request:
+            # The publish is answered with close (an upgrade request waits behind it, and
+            # only a WebSocket may take the bytes after one over), and nothing else.
+            assert reader.read_head() == 200 and b"connection: close" in reader.head.lower()
+            assert json.loads(bytes(reader.body))["published"][0]["offset"] == 1
+            assert reader.event(timeout=5) is None and reader.eof
+            return
+        # The stream drops what the client sends: the server goes on taking bytes.
+        assert flood.sent >= 30 * MB, f"only {flood.sent} bytes were taken"
         assert reader.read_head() == 200
+        assert b"text/event-stream" in reader.head
+        offset = lagging.publish(topic, "after", n=1)["published"][0]["offset"]
         event = reader.event(timeout=5)
         assert event is not None and event["event"] == "after" and int(event["id"]) == offset
 
@@ -501,7 +535,7 @@ def test_a_chunk_header_over_the_cap_is_400(edge: Etherd, ext_bytes: int) -> Non
     assert b"http.max_chunk_extension_bytes" in answer
     assert hits(edge, "http.max_chunk_extension_bytes") == before + 1
     # Within the cap the same request is served.
-    ok = attacks.chunk_extension(H, edge.port, 1000)
+    ok = attacks.chunk_extension(H, edge.port, 1000, split=False)
     assert b"HTTP/1.1 200 OK" in ok, ok[:400]
 
 
