@@ -85,6 +85,19 @@ bench-fanout: $(BENCH) bench-client
 bench-cluster: $(BENCH) bench-client
 	$(BIN)/python -m bench.fanout.cluster
 
+## soak: mixed load (churning subscribers, publishers, harnesses) against one etherd on a
+## throwaway PostgreSQL for SOAK_MINUTES, sampled each minute; writes bench/results/soak-*
+SOAK_MINUTES ?= 30
+.PHONY: soak
+soak: $(BENCH)
+	$(BIN)/python -m bench.soak --minutes $(SOAK_MINUTES)
+
+## stress: the stress scenarios (tests/stress) on SQLite, PostgreSQL and a two-node
+## cluster, each printing its invariant and figure (a few minutes)
+.PHONY: stress
+stress: $(DEV)
+	$(BIN)/python -m pytest tests/stress
+
 ## bench-client: the C subscriber load client, built with the machine's gcc
 SUBCLIENT := bench/.build/subclient
 BENCH_CC  ?= gcc

@@ -139,11 +139,12 @@ class Realtime:
             return None
         connections.replays_refused[kind] += 1
         connections.limit_hits["realtime.max_replay_bytes"] += 1
+        # Counted here for both kinds: no ``limit`` on the refusal, or the HTTP dispatcher
+        # would count an SSE refusal a second time.
         return Refusal(
             "overloaded",
             f"{limit} bytes of replays are already in flight (realtime.max_replay_bytes); "
             f"retry shortly",
-            limit="realtime.max_replay_bytes",
         )
 
     async def replay(

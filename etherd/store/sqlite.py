@@ -47,16 +47,6 @@ _READ_EVENTS = (
     'SELECT "offset", ts_ms, event, data FROM events '
     'WHERE topic = ? AND "offset" > ? ORDER BY "offset" LIMIT ?'
 )
-# The same, stopping once the events' data passes the last parameter's bytes (the first
-# event always comes).
-_READ_EVENTS_BYTES = (
-    'SELECT "offset", ts_ms, event, data FROM ('
-    ' SELECT "offset", ts_ms, event, data,'
-    ' sum(length(data)) OVER (ORDER BY "offset") - length(data) AS before FROM ('
-    '  SELECT "offset", ts_ms, event, data FROM events'
-    '  WHERE topic = ? AND "offset" > ? ORDER BY "offset" LIMIT ?))'
-    ' WHERE before < ? ORDER BY "offset"'
-)
 _READ_BOUNDS = (
     "SELECT (SELECT head FROM topic_heads WHERE topic = ?1),"
     ' (SELECT min("offset") FROM events WHERE topic = ?1)'
@@ -310,11 +300,21 @@ class SqliteStore(Store):
         assert con is not None
         con.execute("BEGIN")  # one snapshot for the events and the bounds
         try:
+            cursor = con.execute(_READ_EVENTS, (topic, after, limit))
             if max_bytes is None:
-                rows = con.execute(_READ_EVENTS, (topic, after, limit)).fetchall()
+                rows = cursor.fetchall()
             else:
-                query = (topic, after, limit, max_bytes)
-                rows = con.execute(_READ_EVENTS_BYTES, query).fetchall()
+                # Stepped row by row and left once the data passes max_bytes (the first
+                # event always comes): SQLite reads no further, so a page of a long
+                # backlog costs its own rows, not every row after ``after``.
+                rows = []
+                size = 0
+                for row in cursor:
+                    rows.append(row)
+                    size += len(row[3])
+                    if size >= max_bytes:
+                        break
+                cursor.close()
             head, first = con.execute(_READ_BOUNDS, (topic,)).fetchone()
         finally:
             con.execute("COMMIT")

@@ -619,6 +619,9 @@ class HttpConnection(asyncio.Protocol):
 
     def _idle_timeout(self) -> None:
         if not self.busy and self._incoming is None and self.transport:
+            if self._completed == 0:
+                # Not one request began: closed by http.first_byte_timeout_s.
+                self.state.connections.limit_hits["http.first_byte_timeout_s"] += 1
             self._closing = True
             self.transport.close()
 
