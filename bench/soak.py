@@ -638,7 +638,9 @@ def write_markdown(
         f"topics each; {args.churn_pct:g} % of them drop and resume with `since` each second "
         "(half with a close frame, half abruptly; back after up to 0.5 s)",
         f"- publishers: HTTP `POST /api/publish` and WebSocket `publish`, {args.rate:g} "
-        "events/s each, one event per request, random topic",
+        "events/s each, one event per request, random topic (achieved: HTTP "
+        f"{summary['published_http'] / (60 * args.minutes):.1f}/s, one request in flight; "
+        f"WebSocket {summary['published_ws'] / (60 * args.minutes):.1f}/s)",
         f"- {args.harnesses} harnesses: create task (user), claim, {args.steps} steps, "
         "heartbeat, submit (harness), in a loop",
         "",
