@@ -313,6 +313,8 @@ class HttpConnection(asyncio.Protocol):
         assert inc is not None
         # From here on the head is complete; body bytes are counted in on_body.
         self._in_head = False
+        # What the callbacks did not see: the method, " HTTP/1.x\r\n" and the blank line.
+        self._count_head(len(self._parser.get_method()) + 1 + 11 + 2)
         version = self._parser.get_http_version()
         if version != "1.1" and version != "1.0":
             raise Refusal(

@@ -192,6 +192,21 @@ def test_limits_and_malformed_requests_answer_then_close(
     assert transport.closed
 
 
+@pytest.mark.parametrize(("extra", "status"), [(0, 200), (1, 431)])
+def test_the_head_limit_counts_every_byte_of_the_head(extra: int, status: int) -> None:
+    """``http.max_header_bytes`` is the request line, every header line and the blank line."""
+
+    async def go() -> list[tuple[int, bytes]]:
+        h = Harness(config(max_header_bytes=512))
+        head = b"GET / HTTP/1.1\r\nHost: x\r\nX-Pad: \r\n\r\n"
+        pad = b"a" * (512 - len(head) + extra)
+        h.feed(head[:-4] + pad + b"\r\n\r\n")
+        await settle()
+        return h.transport.responses()
+
+    assert asyncio.run(go())[0][0] == status
+
+
 def test_a_head_that_never_ends_is_refused_by_size() -> None:
     async def go() -> FakeTransport:
         h = Harness(config(max_header_bytes=512))
