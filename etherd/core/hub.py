@@ -206,6 +206,10 @@ class Hub:
         # last (sliced) flush got.
         self._segments: deque[Segment] = deque()
         self._seg_pos = 0
+        # Segments taken off the queue behind the first because they go to the same
+        # subscribers (a backlog of one topic's events): written with it, as one buffer.
+        self._group: list[Segment] = []
+        self._group_ws = b""
         # Sinks with pending items (own bytes, or segments they could not take directly).
         self._dirty: list[Sink] = []
         self._seq = 0
@@ -441,12 +445,15 @@ class Hub:
             segment = segments[0]
             subs = segment.subs
             start = self._seg_pos
+            skip = segment.resumers
+            if start == 0 and skip is None and len(segments) > 1:
+                self._gather(segments)
+            group = self._group
             total = len(subs)
             end = total if total - start <= budget else start + budget
-            data = segment.joined(KIND_WS)
+            data = self._group_ws if group else segment.joined(KIND_WS)
             size = len(data)
             seq = segment.seq
-            skip = segment.resumers
             part = subs if start == 0 and end == total else tuple(subs)[start:end]
             slow = 0
             if skip is None:
@@ -458,7 +465,10 @@ class Hub:
                         if sink.alive:
                             if not sink.pending:
                                 dirty.append(sink)
-                            sink.pending.append((seq, segment))
+                            pending = sink.pending
+                            pending.append((seq, segment))
+                            for other in group:
+                                pending.append((other.seq, other))
             else:
                 for sink in part:
                     if sink in skip:
@@ -481,6 +491,9 @@ class Hub:
                 return
             segments.popleft()
             self._seg_pos = 0
+            if group:
+                self._group = []
+                self._group_ws = b""
             if budget <= 0 and (segments or dirty):
                 self._reschedule(writes, nbytes)
                 return
@@ -509,6 +522,31 @@ class Hub:
                 nbytes += len(data)
         self.writes += writes
         self.bytes_written += nbytes
+
+    def _gather(self, segments: deque[Segment]) -> None:
+        """Take the segments right behind the first that go to the same subscribers and
+        have no resumers into its group, so each subscriber gets them in one write.
+
+        Under load the loop reads several publishes of a topic between the slices of one
+        fan-out; each opens a segment of its own, and without this every subscriber
+        would get one write per event however far behind it is (measured at 10,000
+        subscribers x 100 msg/s: 4.6 µs per frame and a backlog of seconds, against
+        1 µs when a write carries several events). A sink that is not direct gets each
+        segment on its pending list under its own number, so its order holds.
+        """
+        head = segments[0]
+        subs = head.subs
+        group = self._group
+        while len(segments) > 1:
+            nxt = segments[1]
+            if nxt.subs is not subs or nxt.resumers is not None:
+                break
+            group.append(nxt)
+            del segments[1]
+        if group:
+            self._group_ws = b"".join(
+                [head.joined(KIND_WS), *(other.joined(KIND_WS) for other in group)]
+            )
 
     def _flush_later(self) -> None:
         """Flush after the callbacks queued meanwhile, not before them.

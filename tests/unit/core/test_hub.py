@@ -430,3 +430,29 @@ def test_every_sink_sees_exactly_what_was_queued_for_it_in_order(
     for sink, want in zip(sinks, expected, strict=True):
         assert written(sink) == want
         assert sink.pending == []
+
+
+def test_events_published_between_slices_reach_each_sink_in_one_write() -> None:
+    """A backlog of one topic behind a sliced fan-out: every later segment to the same
+    subscribers goes with the next one, in one write per sink, in order; a sink with a
+    reply of its own gets each event and the reply in their order."""
+    loop = Loop()
+    hub = Hub(loop.call_soon, fanout_slice=2)
+    sinks = [FakeSink() for _ in range(4)]
+    for s in sinks:
+        hub.subscribe("t/a", s)
+    hub.publish(prepared("t/a", 1))
+    hub.flush()  # the first slice of event 1: sinks 0 and 1
+    hub.publish(prepared("t/a", 2))
+    hub.queue(sinks[3], ws_text_frame(b"reply"))  # seals: event 3 opens a segment of its own
+    hub.publish(prepared("t/a", 3))
+    while loop.ready or hub._segments:
+        loop.run()
+        if hub._segments or hub._dirty:
+            hub.flush()
+    got = [[p for w in s.writes for p in frames(w)] for s in sinks]
+    ev = [b'{"n":%d}' % n for n in (1, 2, 3)]
+    assert got[:3] == [[ev[0], ev[1], ev[2]]] * 3
+    assert got[3] == [ev[0], ev[1], b"reply", ev[2]]
+    # Events 2 and 3 went together to each sink that had nothing of its own waiting.
+    assert all(len(s.writes) == 2 for s in sinks[:3])
