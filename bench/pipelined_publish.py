@@ -6,8 +6,8 @@ Run from the repository root (``make bench-client`` first)::
     python -m bench.pipelined_publish --via http ws --depth 32 --json out.jsonl
     python -m bench.pipelined_publish --pg-server postgresql://postgres@127.0.0.1:5432
 
-One client, one TCP connection, up to ``--depth`` requests in flight (default 32), one
-durable event per request. ``--via http`` pipelines ``POST /api/publish`` on a keep-alive
+One client, one TCP connection, up to ``--depth`` requests in flight (default 256, as
+``http.max_pipelined``), one durable event per request. ``--via http`` pipelines ``POST /api/publish`` on a keep-alive
 HTTP/1.1 connection (answers come in order); ``--via ws`` sends contract section 4's
 ``{"action":"publish",...,"id":N}`` over one WebSocket and matches each
 ``{"type":"published","id":N,"offset":...}`` reply by id. A 2xx (or ``published``) means
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=["throughput", "latency"],
         default=["throughput", "latency"],
     )
-    parser.add_argument("--depth", type=int, default=32, help="requests in flight at most")
+    parser.add_argument("--depth", type=int, default=256, help="requests in flight at most")
     parser.add_argument("--duration", type=float, default=10.0, help="measured seconds")
     parser.add_argument("--warmup", type=float, default=2.0, help="throughput: seconds before")
     parser.add_argument("--rate", type=float, default=1000.0, help="latency: events/s")

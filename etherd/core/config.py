@@ -87,7 +87,7 @@ class HttpConfig(_Section):
     # Bytes of one chunk's size line with its extensions (400 and close past it).
     max_chunk_extension_bytes: Pos = 4096
     # Requests received on one connection but not yet answered; past it reading pauses.
-    max_pipelined: Pos = 32
+    max_pipelined: Pos = 256
     # Requests being handled across the whole server; past it new requests get 503.
     max_inflight: Pos = 10_000
     # Bytes one connection may hold: requests read and not yet answered (past it reading
