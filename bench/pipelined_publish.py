@@ -7,11 +7,11 @@ Run from the repository root (``make bench-client`` first)::
     python -m bench.pipelined_publish --pg-server postgresql://postgres@127.0.0.1:5432
 
 One client, one TCP connection, up to ``--depth`` requests in flight (default 256, as
-``http.max_pipelined``), one durable event per request. ``--via http`` pipelines ``POST /api/publish`` on a keep-alive
-HTTP/1.1 connection (answers come in order); ``--via ws`` sends contract section 4's
-``{"action":"publish",...,"id":N}`` over one WebSocket and matches each
-``{"type":"published","id":N,"offset":...}`` reply by id. A 2xx (or ``published``) means
-the event is committed (contract section 9).
+``http.max_pipelined``), one durable event per request. ``--via http`` pipelines
+``POST /api/publish`` on a keep-alive HTTP/1.1 connection (answers come in order);
+``--via ws`` sends contract section 4's ``{"action":"publish",...,"id":N}`` over one
+WebSocket and matches each ``{"type":"published","id":N,"offset":...}`` reply by id. A
+2xx (or ``published``) means the event is committed (contract section 9).
 
 Scenarios (each on a fresh etherd and a fresh database):
 
