@@ -34,6 +34,12 @@ def post(path: str, body: dict[str, object]) -> bytes:
 
 
 def read_answers(sock: socket.socket, n: int) -> list[tuple[int, bytes]]:
+    answers, _ = read_answers_and_rest(sock, n)
+    return answers
+
+
+def read_answers_and_rest(sock: socket.socket, n: int) -> tuple[list[tuple[int, bytes]], bytes]:
+    """``n`` answers, and the bytes read past them (what came next in the same reads)."""
     buf = b""
     out: list[tuple[int, bytes]] = []
     while len(out) < n:
@@ -50,7 +56,7 @@ def read_answers(sock: socket.socket, n: int) -> list[tuple[int, bytes]]:
             rest += sock.recv(65536)
         out.append((int(lines[0].split()[1]), rest[:length]))
         buf = rest[length:]
-    return out
+    return out, buf
 
 
 def commits(server: Etherd) -> float:
@@ -86,10 +92,9 @@ def test_a_stream_ends_the_pipeline(server: Etherd) -> None:
     )
     with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
         sock.sendall(stream)
-        ((status, body),) = read_answers(sock, 1)
+        ((status, body),), rest = read_answers_and_rest(sock, 1)
         assert status == 200 and json.loads(body)["published"][0]["offset"] == 1
         sock.settimeout(1.0)
-        rest = b""
         try:
             while b": etherd stream" not in rest:
                 rest += sock.recv(65536)
