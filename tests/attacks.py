@@ -24,6 +24,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.wsframes import parse_frame
+
 __all__ = [
     "Held",
     "SseReader",
@@ -291,11 +293,11 @@ class WsReader:
         """The next (opcode, payload), or None once the server closed the TCP connection."""
         deadline = time.monotonic() + timeout
         while True:
-            parsed = _parse_frame(self.buf)
+            parsed = parse_frame(self.buf)
             if parsed is not None:
-                opcode, payload, size = parsed
+                frame, size = parsed
                 del self.buf[:size]
-                return opcode, payload
+                return frame.opcode, frame.payload
             if self.eof:
                 return None
             remaining = deadline - time.monotonic()
@@ -322,26 +324,6 @@ class WsReader:
     def send(self, message: dict[str, Any]) -> None:
         """Send one JSON command."""
         self.sock.sendall(ws_text_frame(message))
-
-
-def _parse_frame(buf: bytearray) -> tuple[int, bytes, int] | None:
-    if len(buf) < 2:
-        return None
-    n = buf[1] & 0x7F
-    pos = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n = struct.unpack_from("!H", buf, 2)[0]
-        pos = 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n = struct.unpack_from("!Q", buf, 2)[0]
-        pos = 10
-    if len(buf) < pos + n:
-        return None
-    return buf[0] & 0x0F, bytes(buf[pos : pos + n]), pos + n
 
 
 def ws_open(

@@ -27,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 from urllib.parse import quote
 
 import picows
@@ -37,6 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Etherd, make_token
+from tests.wsframes import Frame, parse_frame
 
 RECV_TIMEOUT = 5.0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -173,23 +174,6 @@ def assert_error_body(body: Any, code: str) -> None:
 # -- raw sockets ---------------------------------------------------------------------------
 
 
-class Frame(NamedTuple):
-    fin: bool
-    opcode: int
-    payload: bytes
-
-    @property
-    def close_code(self) -> int | None:
-        assert self.opcode == OP_CLOSE, self
-        return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
-
-    def json(self) -> dict[str, Any]:
-        assert self.opcode == OP_TEXT, self
-        value = json.loads(self.payload)
-        assert isinstance(value, dict), value
-        return value
-
-
 def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
     """A masked frame, as a client must send it (RFC 6455 section 5.3)."""
     n = len(payload)
@@ -212,30 +196,6 @@ def text_frame(message: dict[str, Any]) -> bytes:
 
 def close_frame(code: int) -> bytes:
     return client_frame(OP_CLOSE, struct.pack("!H", code))
-
-
-def parse_frame(buf: bytes | bytearray) -> tuple[Frame, int] | None:
-    """One server frame from the front of ``buf`` and its size, or None if incomplete."""
-    if len(buf) < 2:
-        return None
-    b0, b1 = buf[0], buf[1]
-    assert not b1 & 0x80, "a server must not mask its frames"
-    assert not b0 & 0x70, "reserved bits set though no extension was negotiated"
-    n = b1 & 0x7F
-    pos = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n = struct.unpack_from("!H", buf, 2)[0]
-        pos = 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n = struct.unpack_from("!Q", buf, 2)[0]
-        pos = 10
-    if len(buf) < pos + n:
-        return None
-    return Frame(bool(b0 & 0x80), b0 & 0x0F, bytes(buf[pos : pos + n])), pos + n
 
 
 def upgrade_request(

@@ -1,0 +1,52 @@
+"""Server WebSocket frames as the raw-socket tests read them."""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any, NamedTuple
+
+__all__ = ["OP_CLOSE", "OP_TEXT", "Frame", "parse_frame"]
+
+OP_TEXT, OP_CLOSE = 0x1, 0x8
+
+
+class Frame(NamedTuple):
+    fin: bool
+    opcode: int
+    payload: bytes
+
+    @property
+    def close_code(self) -> int | None:
+        assert self.opcode == OP_CLOSE, self
+        return struct.unpack("!H", self.payload[:2])[0] if len(self.payload) >= 2 else None
+
+    def json(self) -> dict[str, Any]:
+        assert self.opcode == OP_TEXT, self
+        value = json.loads(self.payload)
+        assert isinstance(value, dict), value
+        return value
+
+
+def parse_frame(buf: bytes | bytearray) -> tuple[Frame, int] | None:
+    """One server frame from the front of ``buf`` and its size, or None if incomplete."""
+    if len(buf) < 2:
+        return None
+    b0, b1 = buf[0], buf[1]
+    assert not b1 & 0x80, "a server must not mask its frames"
+    assert not b0 & 0x70, "reserved bits set though no extension was negotiated"
+    n = b1 & 0x7F
+    pos = 2
+    if n == 126:
+        if len(buf) < 4:
+            return None
+        n = struct.unpack_from("!H", buf, 2)[0]
+        pos = 4
+    elif n == 127:
+        if len(buf) < 10:
+            return None
+        n = struct.unpack_from("!Q", buf, 2)[0]
+        pos = 10
+    if len(buf) < pos + n:
+        return None
+    return Frame(bool(b0 & 0x80), b0 & 0x0F, bytes(buf[pos : pos + n])), pos + n
