@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.wsframes import parse_frame
+from tests.wsframes import OP_CLOSE, OP_TEXT, client_frame, parse_frame
 
 __all__ = [
     "Held",
@@ -50,7 +50,7 @@ __all__ = [
     "ws_text_frame",
 ]
 
-OP_TEXT, OP_CLOSE = 0x1, 0x8
+
 _METRIC_RE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)$")
 _LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -267,18 +267,7 @@ def publish_backlog(
 def ws_text_frame(message: dict[str, Any] | bytes) -> bytes:
     """A masked client text frame carrying JSON (or the bytes given)."""
     payload = message if isinstance(message, bytes) else json.dumps(message).encode()
-    n = len(payload)
-    head = bytes([0x80 | OP_TEXT])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    mask = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
-    return head + key + masked
+    return client_frame(OP_TEXT, payload)
 
 
 class WsReader:

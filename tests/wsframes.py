@@ -1,12 +1,14 @@
-"""Server WebSocket frames as the raw-socket tests read them."""
+"""WebSocket frames for the raw-socket tests: client frames as they send them, server
+frames as they read them."""
 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from typing import Any, NamedTuple
 
-__all__ = ["OP_CLOSE", "OP_TEXT", "Frame", "parse_frame"]
+__all__ = ["OP_CLOSE", "OP_TEXT", "Frame", "client_frame", "parse_frame"]
 
 OP_TEXT, OP_CLOSE = 0x1, 0x8
 
@@ -50,3 +52,19 @@ def parse_frame(buf: bytes | bytearray) -> tuple[Frame, int] | None:
     if len(buf) < pos + n:
         return None
     return Frame(bool(b0 & 0x80), b0 & 0x0F, bytes(buf[pos : pos + n])), pos + n
+
+
+def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
+    """A masked frame, as a client must send it (RFC 6455 section 5.3)."""
+    n = len(payload)
+    head = bytes([(0x80 if fin else 0) | opcode])
+    if n < 126:
+        head += bytes([0x80 | n])
+    elif n < 65536:
+        head += bytes([0x80 | 126]) + struct.pack("!H", n)
+    else:
+        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
+    key = os.urandom(4)
+    mask = (key * (n // 4 + 1))[:n]
+    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
+    return head + key + masked

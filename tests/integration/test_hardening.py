@@ -26,6 +26,7 @@ import pytest
 from tests import attacks
 from tests.attacks import Held, SseReader
 from tests.conftest import Etherd, make_token
+from tests.wsframes import OP_CLOSE
 
 H = "127.0.0.1"
 MB = 1024 * 1024
@@ -210,7 +211,7 @@ def drain_until_closed(reader: attacks.WsReader, seconds: float = 10.0) -> int |
         got = reader.frame(max(0.01, deadline - time.monotonic()))
         if got is None:
             return None
-        if got[0] == attacks.OP_CLOSE:
+        if got[0] == OP_CLOSE:
             return int(struct.unpack("!H", got[1][:2])[0])
     raise AssertionError(f"not closed within {seconds} s")
 

@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Etherd, make_token
-from tests.wsframes import Frame, parse_frame
+from tests.wsframes import Frame, client_frame, parse_frame
 
 RECV_TIMEOUT = 5.0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -172,22 +172,6 @@ def assert_error_body(body: Any, code: str) -> None:
 
 
 # -- raw sockets ---------------------------------------------------------------------------
-
-
-def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> bytes:
-    """A masked frame, as a client must send it (RFC 6455 section 5.3)."""
-    n = len(payload)
-    head = bytes([(0x80 if fin else 0) | opcode])
-    if n < 126:
-        head += bytes([0x80 | n])
-    elif n < 65536:
-        head += bytes([0x80 | 126]) + struct.pack("!H", n)
-    else:
-        head += bytes([0x80 | 127]) + struct.pack("!Q", n)
-    key = os.urandom(4)
-    mask = (key * (n // 4 + 1))[:n]
-    masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
-    return head + key + masked
 
 
 def text_frame(message: dict[str, Any]) -> bytes:
