@@ -24,7 +24,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from tests.wsframes import OP_CLOSE, OP_TEXT, client_frame, parse_frame
+from tests.wsframes import OP_CLOSE, OP_TEXT, client_frame, parse_frame, recv_by
 
 __all__ = [
     "Held",
@@ -457,16 +457,11 @@ class SseReader:
         self.eof = False
 
     def _fill(self, deadline: float) -> bool:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or self.eof:
+        if self.eof:
             return False
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(1 << 20)
-        except TimeoutError:
+        chunk = recv_by(self.sock, deadline, 1 << 20)
+        if chunk is None:
             return False
-        except ConnectionResetError:
-            chunk = b""
         if not chunk:
             self.eof = True
             return False

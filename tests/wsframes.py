@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
+import time
 from typing import Any, NamedTuple
 
-__all__ = ["OP_CLOSE", "OP_TEXT", "Frame", "client_frame", "parse_frame"]
+__all__ = ["OP_CLOSE", "OP_TEXT", "Frame", "client_frame", "parse_frame", "recv_by"]
 
 OP_TEXT, OP_CLOSE = 0x1, 0x8
 
@@ -68,3 +70,18 @@ def client_frame(opcode: int, payload: bytes = b"", *, fin: bool = True) -> byte
     mask = (key * (n // 4 + 1))[:n]
     masked = (int.from_bytes(payload, "big") ^ int.from_bytes(mask, "big")).to_bytes(n, "big")
     return head + key + masked
+
+
+def recv_by(sock: socket.socket, deadline: float, size: int = 262144) -> bytes | None:
+    """The next bytes from ``sock``: ``b""`` once the peer closed (or reset) the
+    connection, None when ``deadline`` (monotonic) passed first."""
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        return None
+    sock.settimeout(remaining)
+    try:
+        return sock.recv(size)
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        return b""

@@ -37,7 +37,7 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from tests.conftest import Etherd, make_token
-from tests.wsframes import Frame, client_frame, parse_frame
+from tests.wsframes import Frame, client_frame, parse_frame, recv_by
 
 RECV_TIMEOUT = 5.0
 WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -229,16 +229,11 @@ class RawWs:
 
     def _fill(self, deadline: float) -> bool:
         """Read more bytes; False at EOF or when the deadline passed."""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or self.eof:
+        if self.eof:
             return False
-        self.sock.settimeout(remaining)
-        try:
-            chunk = self.sock.recv(262144)
-        except TimeoutError:
+        chunk = recv_by(self.sock, deadline)
+        if chunk is None:
             return False
-        except ConnectionResetError:
-            chunk = b""
         if not chunk:
             self.eof = True
             return False
