@@ -708,10 +708,10 @@ def write_markdown(
 
 def plot(path: Path, samples: list[dict[str, Any]], title: str) -> None:
     """RSS, fds, loop lag and end-to-end p99 over time, one panel each."""
-    import matplotlib
+    import matplotlib  # type: ignore[import-not-found, unused-ignore]
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # type: ignore[import-not-found, unused-ignore]
 
     minutes = [s["minute"] for s in samples]
     fig, axes = plt.subplots(4, 1, figsize=(8, 10), sharex=True)
