@@ -76,6 +76,7 @@ class Session(WebSocket):
         "_publishing",
         "alive",
         "direct",
+        "fd",
         "max_pending",
         "patterns",
         "peer",
@@ -85,6 +86,7 @@ class Session(WebSocket):
         "resuming",
         "send",
         "topics",
+        "unsent",
         "waiter",
     )
 
@@ -104,6 +106,10 @@ class Session(WebSocket):
         self.alive = False
         self.direct = False
         self.send: Callable[[bytes], None] = _nowhere
+        # The socket the fan-out may write to itself while ``unsent()`` is 0 (the C loop
+        # of ``etherd.edge.ws._directwrite``); -1 when it may not.
+        self.fd = -1
+        self.unsent: Callable[[], int] = _nothing_unsent
         self.max_pending = cfg.max_pending_bytes
         # A replay waiting for the client to take its last piece (see ``taken``).
         self.waiter: asyncio.Future[None] | None = None
@@ -147,7 +153,10 @@ class Session(WebSocket):
     def on_open(self) -> None:
         self.alive = True
         assert self.transport is not None
-        self.send = self.transport.write
+        transport = self.transport
+        self.send = transport.write
+        self.unsent = transport.get_write_buffer_size
+        self.fd = _socket_fd(transport)
         self._refresh_direct()
         self.realtime.connections.session_opened(self)
 
@@ -186,6 +195,8 @@ class Session(WebSocket):
     def on_closed(self) -> None:
         self.alive = False
         self.direct = False
+        # The descriptor may soon belong to another connection.
+        self.fd = -1
         if self.topics:
             self.realtime.hub.unsubscribe_all(self.topics, self)
             self.topics.clear()
@@ -531,6 +542,20 @@ class Session(WebSocket):
 
 def _nowhere(data: bytes) -> None:
     """``send`` before the session is open: never called (the session is not direct)."""
+
+
+def _nothing_unsent() -> int:
+    """``unsent`` before the session is open."""
+    return 0
+
+
+def _socket_fd(transport: asyncio.Transport) -> int:
+    """The descriptor bytes may be written to past the transport, or -1 (no socket of its
+    own, or one that encrypts: its bytes must go through the transport)."""
+    if transport.get_extra_info("sslcontext") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    return sock.fileno() if sock is not None else -1
 
 
 def _request_id(payload: bytes) -> str | int | None:

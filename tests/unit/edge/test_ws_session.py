@@ -45,6 +45,10 @@ class FakeTransport:
     def get_write_buffer_size(self) -> int:
         return 0
 
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        # No socket: the fan-out's C loop must send through ``write``.
+        return default
+
     def is_closing(self) -> bool:
         return self.closing
 
