@@ -487,33 +487,19 @@ class Hub:
             size = len(data)
             seq = segment.seq
             part = subs if start == 0 and end == total else tuple(subs)[start:end]
-            slow = 0
-            if skip is None:
-                others: list[Sink] = []
-                sent = self._send_all(part, data, others)
-                if others:
-                    for sink in others:
-                        if sink.alive:
-                            if not sink.pending:
-                                dirty.append(sink)
-                            pending = sink.pending
-                            pending.append((seq, segment))
-                            for other in group:
-                                pending.append((other.seq, other))
-                slow = end - start - sent
-            else:
-                for sink in part:
-                    if sink in skip:
-                        slow += 1
-                    elif sink.direct and not sink.pending:
-                        sink.send(data)
-                    else:
-                        slow += 1
-                        if sink.alive:
-                            if not sink.pending:
-                                dirty.append(sink)
-                            sink.pending.append((seq, segment))
-            sent = end - start - slow
+            if skip is not None:
+                # Resumers get this segment's events on their own (see ``_one``).
+                part = [sink for sink in part if sink not in skip]
+            others: list[Sink] = []
+            sent = self._send_all(part, data, others)
+            for sink in others:
+                if sink.alive:
+                    if not sink.pending:
+                        dirty.append(sink)
+                    pending = sink.pending
+                    pending.append((seq, segment))
+                    for other in group:
+                        pending.append((other.seq, other))
             writes += sent
             nbytes += sent * size
             budget -= end - start

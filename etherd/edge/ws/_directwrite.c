@@ -7,11 +7,14 @@
  * call itself. Here the loop reads the same attributes with the C API and, when the
  * transport holds nothing unsent, writes straight to the socket.
  *
- * Ordering: bytes may skip the transport only while its buffer is empty (``unsent()`` is
- * 0); otherwise, and for whatever a short write leaves, the bytes go through ``send`` (the
- * transport's write), which queues them behind what it holds, watches the socket for
- * writability and reports errors (EPIPE, ECONNRESET) the way it always does. A session
- * without a socket of its own (``fd`` below 0) always goes through ``send``.
+ * Ordering: bytes may skip the transport only while it holds nothing unsent. The loop
+ * asks the transport (``unsent()``) and keeps a yes in ``drained_fd`` until something is
+ * written through the transport again (the session's own writes reset it; so does this
+ * loop when the socket does not take a whole write). Otherwise, and for whatever a short
+ * write leaves, the bytes go through ``send`` (the transport's write), which queues them
+ * behind what it holds, watches the socket for writability and reports errors (EPIPE,
+ * ECONNRESET) the way it always does. The descriptor is the session's own duplicate
+ * (``fd``), so its number cannot be taken by a new connection while a flush runs.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,36 +26,65 @@
 static PyObject *s_direct;
 static PyObject *s_pending;
 static PyObject *s_fd;
+static PyObject *s_drained_fd;
 static PyObject *s_unsent;
 static PyObject *s_send;
 
-/* The sink's socket, or -1 (no such attribute, or not a socket it may write to). */
-static int sink_fd(PyObject *sink, long *fd)
+/* An int attribute of the sink, or -1 when it has none (an SSE stream, a test's sink). */
+static int int_attr(PyObject *sink, PyObject *name, long *out)
 {
-    PyObject *obj = PyObject_GetAttr(sink, s_fd);
+    PyObject *obj = PyObject_GetAttr(sink, name);
     if (obj == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_AttributeError))
             return -1;
         PyErr_Clear();
-        *fd = -1;
+        *out = -1;
         return 0;
     }
-    *fd = PyLong_AsLong(obj);
+    *out = PyLong_AsLong(obj);
     Py_DECREF(obj);
-    if (*fd == -1 && PyErr_Occurred())
+    if (*out == -1 && PyErr_Occurred())
         return -1;
     return 0;
 }
 
-/* Whether the sink's transport holds bytes not yet written (they must go first). */
-static int has_unsent(PyObject *sink)
+static int set_int_attr(PyObject *sink, PyObject *name, long value)
 {
+    PyObject *obj = PyLong_FromLong(value);
+    if (obj == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(sink, name, obj);
+    Py_DECREF(obj);
+    return rc;
+}
+
+/* The descriptor to write to past the transport, or -1. ``drained_fd`` says the transport
+ * was seen empty and nothing was written through it since; failing that, the transport is
+ * asked (once: the answer is kept in ``drained_fd`` until the next write through it). */
+static int writable_fd(PyObject *sink, long *fd)
+{
+    if (int_attr(sink, s_drained_fd, fd) < 0)
+        return -1;
+    if (*fd >= 0)
+        return 0;
+    long own;
+    if (int_attr(sink, s_fd, &own) < 0)
+        return -1;
+    if (own < 0)
+        return 0;
     PyObject *size = PyObject_CallMethodNoArgs(sink, s_unsent);
     if (size == NULL)
         return -1;
     int busy = PyObject_IsTrue(size);
     Py_DECREF(size);
-    return busy;
+    if (busy < 0)
+        return -1;
+    if (busy)
+        return 0;
+    if (set_int_attr(sink, s_drained_fd, own) < 0)
+        return -1;
+    *fd = own;
+    return 0;
 }
 
 /* One subscriber's copy of the segment; 0, or -1 with a Python error set. */
@@ -60,30 +92,34 @@ static int write_one(PyObject *sink, PyObject *data, const char *buf, Py_ssize_t
 {
     long fd;
     Py_ssize_t done = 0;
-    if (sink_fd(sink, &fd) < 0)
+    if (writable_fd(sink, &fd) < 0)
         return -1;
     if (fd >= 0) {
-        int busy = has_unsent(sink);
-        if (busy < 0)
+        ssize_t n;
+        do {
+            n = send((int)fd, buf, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        } while (n < 0 && errno == EINTR);
+        if (n == len)
+            return 0;
+        if (n > 0)
+            done = n;
+        /* EAGAIN, an error, or a short write: the transport takes it from here, and
+         * everything after it goes through the transport until it is empty again. */
+        if (set_int_attr(sink, s_drained_fd, -1) < 0)
             return -1;
-        if (!busy) {
-            ssize_t n;
-            do {
-                n = send((int)fd, buf, (size_t)len, MSG_NOSIGNAL | MSG_DONTWAIT);
-            } while (n < 0 && errno == EINTR);
-            if (n == len)
-                return 0;
-            if (n > 0)
-                done = n;
-            /* EAGAIN, an error, or a short write: the transport takes it from here. */
-        }
     }
     PyObject *rest;
     if (done == 0) {
         Py_INCREF(data);
         rest = data;
     } else {
-        rest = PyBytes_FromStringAndSize(buf + done, len - done);
+        /* A view, not a copy: the segment's bytes are shared by all its subscribers, and a
+         * slow one would otherwise hold a copy of its own (as the transport does itself). */
+        PyObject *view = PyMemoryView_FromObject(data);
+        if (view == NULL)
+            return -1;
+        rest = PySequence_GetSlice(view, done, len);
+        Py_DECREF(view);
         if (rest == NULL)
             return -1;
     }
@@ -180,9 +216,10 @@ static int exec_module(PyObject *module)
     s_direct = PyUnicode_InternFromString("direct");
     s_pending = PyUnicode_InternFromString("pending");
     s_fd = PyUnicode_InternFromString("fd");
+    s_drained_fd = PyUnicode_InternFromString("drained_fd");
     s_unsent = PyUnicode_InternFromString("unsent");
     s_send = PyUnicode_InternFromString("send");
-    if (!s_direct || !s_pending || !s_fd || !s_unsent || !s_send)
+    if (!s_direct || !s_pending || !s_fd || !s_drained_fd || !s_unsent || !s_send)
         return -1;
     return 0;
 }

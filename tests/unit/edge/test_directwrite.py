@@ -25,15 +25,16 @@ class FakeSink:
 
     def __init__(self, fd: int = -1, unsent: int = 0, direct: bool = True) -> None:
         self.fd = fd
+        self.drained_fd = -1
         self.direct = direct
         self.pending: list[Pending] = []
         self.queued = unsent
-        self.sent: list[bytes] = []
+        self.sent: list[bytes | memoryview] = []
 
     def unsent(self) -> int:
         return self.queued
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         self.sent.append(data)
 
 
@@ -43,9 +44,9 @@ class NoSocket:
     def __init__(self) -> None:
         self.direct = True
         self.pending: list[Pending] = []
-        self.sent: list[bytes] = []
+        self.sent: list[bytes | memoryview] = []
 
-    def send(self, data: bytes) -> None:
+    def send(self, data: bytes | memoryview) -> None:
         self.sent.append(data)
 
 
@@ -91,6 +92,22 @@ def test_an_idle_direct_sink_gets_the_bytes_on_its_socket(
     assert drain(b) == b"frame-bytes"
     assert sink.sent == []
     assert slow == []
+    # The transport was seen empty: the next writes need not ask it again.
+    assert sink.drained_fd == a.fileno()
+    sink.queued = 99  # (it is not asked, so this is not seen)
+    assert send_all([sink], b"next", slow) == 1
+    assert drain(b) == b"next"
+
+
+def test_the_kept_answer_is_what_is_written_to(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    a, b = pair
+    sink = FakeSink(fd=-1)
+    sink.drained_fd = a.fileno()
+    assert send_all([sink], b"ev", []) == 1
+    assert drain(b) == b"ev"
+    assert sink.sent == []
 
 
 def test_bytes_waiting_in_the_transport_keep_the_frame_behind_them(
@@ -101,6 +118,7 @@ def test_bytes_waiting_in_the_transport_keep_the_frame_behind_them(
     assert send_all([sink], b"after", []) == 1
     assert drain(b) == b""
     assert sink.sent == [b"after"]
+    assert sink.drained_fd == -1
 
 
 def test_a_full_socket_hands_the_whole_frame_to_the_transport(
@@ -112,6 +130,11 @@ def test_a_full_socket_hands_the_whole_frame_to_the_transport(
     assert send_all([sink], b"late", []) == 1
     assert sink.sent == [b"late"]
     assert set(drain(b)) == {ord("x")}
+    # Until the transport is seen empty again, it gets everything.
+    assert sink.drained_fd == -1
+    sink.queued = 4
+    assert send_all([sink], b"later", []) == 1
+    assert sink.sent == [b"late", b"later"]
 
 
 def test_a_short_write_hands_the_rest_to_the_transport(
@@ -125,7 +148,9 @@ def test_a_short_write_hands_the_rest_to_the_transport(
     assert len(sink.sent) == 1
     got = drain(b)
     assert 0 < len(got) < len(data)
-    assert got + sink.sent[0] == data
+    assert got + bytes(sink.sent[0]) == data
+    assert isinstance(sink.sent[0], memoryview)  # the rest is not copied
+    assert sink.drained_fd == -1
 
 
 def test_a_dead_peer_leaves_the_error_to_the_transport(
@@ -176,7 +201,7 @@ def test_bad_arguments_are_type_errors() -> None:
 
 def test_an_error_raised_by_send_propagates_and_leaks_nothing() -> None:
     class Failing(FakeSink):
-        def send(self, data: bytes) -> None:
+        def send(self, data: bytes | memoryview) -> None:
             raise RuntimeError("transport broke")
 
     sink = Failing()
