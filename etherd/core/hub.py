@@ -48,6 +48,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable, Collection, Iterable
+from functools import partial
 from typing import Final, Protocol
 
 from etherd.core.events import StoredEvent
@@ -214,6 +215,8 @@ class Hub:
         self._dirty: list[Sink] = []
         self._seq = 0
         self._flush_scheduled = False
+        # How many times ``flush_soon`` was called: only its latest flush runs.
+        self._soon = 0
         # The segment later events of the same topic may join (see the module docstring).
         self._open: Segment | None = None
         self._open_topic = ""
@@ -566,10 +569,20 @@ class Hub:
         The HTTP edge calls this after starting request handlers, which run in the next
         loop iteration: events they publish then leave in that same iteration, instead of
         the one after it (about one fan-out's time sooner when the loop is busy).
+
+        Every call moves the flush behind the handlers started since the last one: when
+        several connections' requests arrive in one loop iteration, each connection starts
+        its handlers and calls this, and a flush placed after the first connection's
+        handlers would leave the others' events for the next flush, a whole fan-out later.
+        The flushes scheduled by earlier calls do nothing.
         """
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            self._schedule(self.flush)
+        self._soon += 1
+        self._flush_scheduled = True
+        self._schedule(partial(self._flush_if_last, self._soon))
+
+    def _flush_if_last(self, soon: int) -> None:
+        if soon == self._soon:
+            self.flush()
 
     def _reschedule(self, writes: int, nbytes: int) -> None:
         self.writes += writes

@@ -456,3 +456,44 @@ def test_events_published_between_slices_reach_each_sink_in_one_write() -> None:
     assert got[3] == [ev[0], ev[1], b"reply", ev[2]]
     # Events 2 and 3 went together to each sink that had nothing of its own waiting.
     assert all(len(s.writes) == 2 for s in sinks[:3])
+
+
+def test_flush_soon_waits_for_every_handler_started_before_it() -> None:
+    # Two connections' requests arrive in one loop iteration: each starts its handler and
+    # calls flush_soon. Both handlers' events must leave in the one flush that follows
+    # them, not the second one's a whole fan-out later.
+    loop = Loop()
+    hub = Hub(loop.call_soon, 1000)
+    sink = FakeSink()
+    hub.subscribe("t", sink)
+
+    def handler(n: int) -> Callable[[], None]:
+        def run() -> None:
+            hub.publish(prepared("t", n))
+
+        return run
+
+    loop.call_soon(handler(1))  # connection 1's handler
+    hub.flush_soon()
+    loop.call_soon(handler(2))  # connection 2's handler
+    hub.flush_soon()
+    batch, loop.ready = loop.ready, []
+    for cb in batch:
+        cb()
+    assert sink.writes == [ws_text_frame(b'{"n":1}') + ws_text_frame(b'{"n":2}')]
+    assert sink.sends == 1
+    # Nothing is left scheduled but no-ops: the next iteration writes nothing more.
+    loop.run()
+    assert len(sink.writes) == 1
+
+
+def test_flush_soon_then_publish_flushes_once() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, 1000)
+    sink = FakeSink()
+    hub.subscribe("t", sink)
+    hub.flush_soon()
+    hub.publish(prepared("t", 1))
+    assert len(loop.ready) == 1  # the publish joined the flush already scheduled
+    loop.run()
+    assert sink.writes == [ws_text_frame(b'{"n":1}')]
