@@ -215,8 +215,10 @@ class Hub:
         self._dirty: list[Sink] = []
         self._seq = 0
         self._flush_scheduled = False
-        # How many times ``flush_soon`` was called: only its latest flush runs.
+        # Generations of ``flush_soon``: only the flush of the latest runs, and only
+        # while no flush ran since (``_soon_pending``).
         self._soon = 0
+        self._soon_pending = False
         # The segment later events of the same topic may join (see the module docstring).
         self._open: Segment | None = None
         self._open_topic = ""
@@ -438,6 +440,9 @@ class Hub:
         the rest is rescheduled, so HTTP and commits interleave with a large fan-out.
         """
         self._flush_scheduled = False
+        # Whatever ``flush_soon`` scheduled before this is now late: it does nothing.
+        self._soon += 1
+        self._soon_pending = False
         self._open = None
         budget = self._slice
         writes = 0
@@ -570,13 +575,19 @@ class Hub:
         loop iteration: events they publish then leave in that same iteration, instead of
         the one after it (about one fan-out's time sooner when the loop is busy).
 
-        Every call moves the flush behind the handlers started since the last one: when
-        several connections' requests arrive in one loop iteration, each connection starts
-        its handlers and calls this, and a flush placed after the first connection's
+        Every call moves a flush it scheduled itself behind the handlers started since:
+        when several connections' requests arrive in one loop iteration, each connection
+        starts its handlers and calls this, and a flush placed after the first connection's
         handlers would leave the others' events for the next flush, a whole fan-out later.
-        The flushes scheduled by earlier calls do nothing.
+        A flush scheduled otherwise (a slice of a large fan-out) is left where it is: one
+        more would write a second slice in the same iteration and keep HTTP waiting.
         """
+        if self._flush_scheduled and not self._soon_pending:
+            # A flush is coming anyway (a sliced fan-out's next slice, or one a publish
+            # scheduled); events of the handlers join what it has not written yet.
+            return
         self._soon += 1
+        self._soon_pending = True
         self._flush_scheduled = True
         self._schedule(partial(self._flush_if_last, self._soon))
 

@@ -497,3 +497,21 @@ def test_flush_soon_then_publish_flushes_once() -> None:
     assert len(loop.ready) == 1  # the publish joined the flush already scheduled
     loop.run()
     assert sink.writes == [ws_text_frame(b'{"n":1}')]
+
+
+def test_flush_soon_leaves_a_sliced_fan_out_one_slice_per_iteration() -> None:
+    loop = Loop()
+    hub = Hub(loop.call_soon, 2)
+    sinks = [FakeSink() for _ in range(6)]
+    for sink in sinks:
+        hub.subscribe("t", sink)
+    hub.publish(prepared("t", 1))
+    loop.run()  # the first slice
+    assert [len(s.writes) for s in sinks] == [1, 1, 0, 0, 0, 0]
+    # Requests start while the next slice is scheduled: no second slice this iteration.
+    hub.flush_soon()
+    hub.flush_soon()
+    batch, loop.ready = loop.ready, []
+    for cb in batch:
+        cb()
+    assert [len(s.writes) for s in sinks] == [1, 1, 1, 1, 0, 0]
