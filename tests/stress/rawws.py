@@ -12,6 +12,8 @@ import struct
 import time
 from typing import Any
 
+from tests.wsframes import parse_frame
+
 OP_TEXT = 0x1
 OP_CLOSE = 0x8
 OP_PING = 0x9
@@ -64,26 +66,12 @@ def upgrade_request(port: int, token: str = "test", path: str = "/api/realtime")
 def parse(buf: bytearray) -> tuple[int, bytes] | None:
     """Take one server frame off the front of ``buf``: (opcode, payload), or None if
     it is not all there yet."""
-    if len(buf) < 2:
+    got = parse_frame(buf)
+    if got is None:
         return None
-    opcode = buf[0] & 0x0F
-    n = buf[1] & 0x7F
-    at = 2
-    if n == 126:
-        if len(buf) < 4:
-            return None
-        n = struct.unpack_from("!H", buf, 2)[0]
-        at = 4
-    elif n == 127:
-        if len(buf) < 10:
-            return None
-        n = struct.unpack_from("!Q", buf, 2)[0]
-        at = 10
-    if len(buf) < at + n:
-        return None
-    payload = bytes(buf[at : at + n])
-    del buf[: at + n]
-    return opcode, payload
+    frame, size = got
+    del buf[:size]
+    return frame.opcode, frame.payload
 
 
 def close_code(payload: bytes) -> int:
