@@ -14,11 +14,11 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-$(RUNTIME): pyproject.toml | $(BIN)/python
+$(RUNTIME): pyproject.toml setup.py etherd/edge/ws/_directwrite.c | $(BIN)/python
 	$(BIN)/pip install -q -e .
 	touch $@
 
-$(DEV): pyproject.toml | $(BIN)/python
+$(DEV): pyproject.toml setup.py etherd/edge/ws/_directwrite.c | $(BIN)/python
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(RUNTIME)
 

@@ -41,7 +41,7 @@ import msgspec
 from etherd.core.auth import Authenticator, Role
 from etherd.core.config import Config, ConfigError, check_listener, masked
 from etherd.core.errors import GOING_AWAY
-from etherd.core.hub import Hub
+from etherd.core.hub import Hub, send_direct
 from etherd.edge.api.common import Dispatcher, Handler, Route
 from etherd.edge.api.harness import HarnessRoutes
 from etherd.edge.api.openapi import OpenApiRoutes
@@ -57,6 +57,7 @@ from etherd.edge.ops.keyfiles import read_key_files
 from etherd.edge.ops.logs import setup_logging
 from etherd.edge.ops.metrics import Metrics
 from etherd.edge.ops.systemd import Notifier, listen_fds, watchdog_interval
+from etherd.edge.ws._directwrite import send_all
 from etherd.services.broker import Broker, LocalBroker
 from etherd.services.cluster import ClusterBroker
 from etherd.services.eventlog import EventLog
@@ -90,6 +91,7 @@ RESTART_ONLY: Final = frozenset(
         "tasks.cache_size",
         "ws.echo_path",
         "ws.fanout_slice",
+        "ws.direct_write",
     }
 )
 
@@ -106,7 +108,11 @@ class Services:
             key_files=read_key_files(config.auth),
             dev_secret=_dev_secret(config),
         )
-        self.hub = hub = Hub(loop.call_soon, config.ws.fanout_slice)
+        self.hub = hub = Hub(
+            loop.call_soon,
+            config.ws.fanout_slice,
+            send_all if config.ws.direct_write else send_direct,
+        )
 
         self.store = open_store(config)
         self.batcher = Batcher(

@@ -67,6 +67,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from bench.common import cpu as cpumod
+from bench.common.cli import add_settings
 from bench.common.cpu import (
     all_procs,
     busiest,
@@ -182,7 +183,11 @@ def start_target(args: argparse.Namespace, kind: str, n_conns: int) -> Target:
             extra += ["--experiment", args.experiment]
         launcher = [str(TRACER), *extra, trace]
     server = start_etherd(
-        cpu=args.server_cpu, store=args.store, settings=settings, launcher=launcher
+        cpu=args.server_cpu,
+        store=args.store,
+        settings=settings,
+        overrides=args.set,
+        launcher=launcher,
     )
     return Target("etherd", server.host, server.port, server.pid, server, trace)
 
@@ -684,6 +689,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--url", help="target a running etherd (http://host:port) instead")
     p.add_argument("--server-pid", type=int, help="with --url: the server's pid, for CPU/RSS")
     p.add_argument("--store", help="store URL for the started etherd (default SQLite)")
+    # The bench server never sees the caller's ETHERD_* variables: A/B runs go through this.
+    add_settings(p)
     p.add_argument("--server-max-pending-mb", type=int, default=256, help="ws.max_pending_bytes")
     p.add_argument("--idle", type=int, default=0, help="idle mode: open N connections only")
     p.add_argument("--idle-no-subscribe", action="store_true", help="idle without subscribing")
@@ -787,6 +794,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for kind in args.servers:
             record = {"label": args.label, "run": rnd + 1, **one_run(args, ctx, kind)}
             record["round"] = rnd + 1
+            if kind == "etherd" and args.set:
+                record["settings"] = list(args.set)
             record["machine"] = machine
             records.append(record)
             print(f"== {kind}, round {rnd + 1} of {args.rounds}")

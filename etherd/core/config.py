@@ -122,6 +122,10 @@ class WsConfig(_Section):
     ping_timeout_s: PosFloat = 20.0
     # Subscribers written to per loop iteration; a larger fan-out yields to other work.
     fanout_slice: Pos = 2_000
+    # The fan-out writes to a subscriber's socket itself (in C) while its transport holds
+    # nothing unsent; false sends every frame through the transport (the same bytes, in
+    # the same order, at about half a microsecond more per subscriber per write).
+    direct_write: bool = True
     # Seconds a session the server closed may take to flush before its socket is cut.
     close_grace_s: PosFloat = 2.0
     # Path of an echo endpoint for the Autobahn conformance suite; empty (off) in production.

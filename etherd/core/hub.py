@@ -15,8 +15,10 @@ segment (the topic's cached tuple of subscribers and the event); further events 
 topic in the same tick join it. Publishing touches no subscriber. At flush the segment's
 frames are joined once, and each *direct* subscriber (see ``Sink.direct``: an open
 WebSocket below its high-water mark, with one plain subscription and nothing else waiting)
-gets those same bytes with one ``send``, which is its transport's own write: about three
-attribute reads and a C call per subscriber per tick, and no per-subscriber list.
+gets those same bytes with one ``send``, which is its transport's own write, and no
+per-subscriber list. That loop is injected (``send_all``): the server runs it in C
+(``etherd.edge.ws._directwrite``), which writes to the socket itself while the transport
+holds nothing unsent, so a subscriber costs little more than its system call.
 
 Everything else takes the ordered path: a reply, a replay or an event a resuming sink gets
 on its own is queued on the sink's ``pending`` list with a sequence number, and a segment
@@ -63,7 +65,9 @@ __all__ = [
     "Prepared",
     "Resuming",
     "Segment",
+    "SendAll",
     "Sink",
+    "send_direct",
 ]
 
 KIND_WS: Final = 0
@@ -196,12 +200,40 @@ def _seq_of(item: Pending) -> int:
     return item[0]
 
 
+# Writes a segment to every sink of ``sinks`` that is direct with nothing pending, appends
+# the others to the list; returns how many it wrote to (see ``send_direct``).
+SendAll = Callable[[Collection[Sink], bytes, list[Sink]], int]
+
+
+def send_direct(sinks: Collection[Sink], data: bytes, slow: list[Sink]) -> int:
+    """The per-subscriber loop of a segment: ``data`` to each sink that is direct and has
+    nothing pending, through its ``send``; every other sink goes on ``slow``.
+
+    The server replaces it with the same loop in C (``etherd.edge.ws._directwrite``),
+    which writes to a WebSocket's socket itself while its transport holds nothing unsent.
+    """
+    sent = 0
+    for sink in sinks:
+        if sink.direct and not sink.pending:
+            sink.send(data)
+            sent += 1
+        else:
+            slow.append(sink)
+    return sent
+
+
 class Hub:
     """Topic subscriptions of local sinks and the coalesced fan-out to them."""
 
-    def __init__(self, schedule: Callable[[Callable[[], None]], object], fanout_slice: int) -> None:
+    def __init__(
+        self,
+        schedule: Callable[[Callable[[], None]], object],
+        fanout_slice: int,
+        send_all: SendAll = send_direct,
+    ) -> None:
         self._schedule = schedule
         self._slice = fanout_slice
+        self._send_all = send_all
         self._trie: TopicTrie[Sink] = TopicTrie()
         # Segments of this tick not yet written, in order; how far into the first one the
         # last (sliced) flush got.
@@ -463,33 +495,19 @@ class Hub:
             size = len(data)
             seq = segment.seq
             part = subs if start == 0 and end == total else tuple(subs)[start:end]
-            slow = 0
-            if skip is None:
-                for sink in part:
-                    if sink.direct and not sink.pending:
-                        sink.send(data)
-                    else:
-                        slow += 1
-                        if sink.alive:
-                            if not sink.pending:
-                                dirty.append(sink)
-                            pending = sink.pending
-                            pending.append((seq, segment))
-                            for other in group:
-                                pending.append((other.seq, other))
-            else:
-                for sink in part:
-                    if sink in skip:
-                        slow += 1
-                    elif sink.direct and not sink.pending:
-                        sink.send(data)
-                    else:
-                        slow += 1
-                        if sink.alive:
-                            if not sink.pending:
-                                dirty.append(sink)
-                            sink.pending.append((seq, segment))
-            sent = end - start - slow
+            if skip is not None:
+                # Resumers get this segment's events on their own (see ``_one``).
+                part = [sink for sink in part if sink not in skip]
+            others: list[Sink] = []
+            sent = self._send_all(part, data, others)
+            for sink in others:
+                if sink.alive:
+                    if not sink.pending:
+                        dirty.append(sink)
+                    pending = sink.pending
+                    pending.append((seq, segment))
+                    for other in group:
+                        pending.append((other.seq, other))
             writes += sent
             nbytes += sent * size
             budget -= end - start

@@ -83,6 +83,7 @@ class WebSocket(asyncio.Protocol):
         "_max_message",
         "_parser",
         "closed",
+        "drained_fd",
         "paused",
         "ping_sent_at",
         "seen",
@@ -103,6 +104,9 @@ class WebSocket(asyncio.Protocol):
         self.ping_sent_at: float | None = None
         # The transport's buffer is above its high-water mark (``pause_writing``).
         self.paused = False
+        # A socket the fan-out may write to past the transport: set by the fan-out's C loop
+        # once it saw the transport empty, -1 again after any other write (see ``_write``).
+        self.drained_fd = -1
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -114,7 +118,7 @@ class WebSocket(asyncio.Protocol):
         """
         self.transport = transport
         transport.set_protocol(self)
-        transport.write(_SWITCHING + accept_key(key).encode("ascii") + b"\r\n\r\n")
+        self._write(_SWITCHING + accept_key(key).encode("ascii") + b"\r\n\r\n")
         self.on_open()
         if tail:
             self.data_received(tail)
@@ -177,7 +181,7 @@ class WebSocket(asyncio.Protocol):
             self._continue(frame)
         elif op == OP_PING:
             if self.transport is not None:
-                self.transport.write(pong_frame(frame.payload))
+                self._write(pong_frame(frame.payload))
         elif op == OP_PONG:
             self.ping_sent_at = None
         else:
@@ -226,7 +230,14 @@ class WebSocket(asyncio.Protocol):
     def send_text(self, payload: bytes) -> None:
         """Send one TEXT message now (replies go through the hub instead, in order)."""
         if not self.closed and self.transport is not None:
-            self.transport.write(ws_text_frame(payload))
+            self._write(ws_text_frame(payload))
+
+    def _write(self, data: bytes) -> None:
+        """Write through the transport. It may keep some of the bytes; until the fan-out sees
+        it empty again, the fan-out writes through it too, so nothing overtakes them."""
+        self.drained_fd = -1
+        assert self.transport is not None
+        self.transport.write(data)
 
     def is_closed(self) -> bool:
         """Whether the session has ended (a method, so it is re-read after an await)."""
@@ -247,7 +258,7 @@ class WebSocket(asyncio.Protocol):
         if transport is None:
             return
         if not transport.is_closing():
-            transport.write(close_frame(disconnect.code, disconnect.reason_bytes))
+            self._write(close_frame(disconnect.code, disconnect.reason_bytes))
             if peer_closed:
                 transport.close()
             else:
@@ -272,4 +283,4 @@ class Echo(WebSocket):
 
     def on_message(self, text: bool, payload: bytes) -> None:
         if not self.closed and self.transport is not None:
-            self.transport.write(ws_text_frame(payload) if text else binary_frame(payload))
+            self._write(ws_text_frame(payload) if text else binary_frame(payload))

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import resource
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -76,6 +78,7 @@ class Session(WebSocket):
         "_publishing",
         "alive",
         "direct",
+        "fd",
         "max_pending",
         "patterns",
         "peer",
@@ -85,6 +88,7 @@ class Session(WebSocket):
         "resuming",
         "send",
         "topics",
+        "unsent",
         "waiter",
     )
 
@@ -104,6 +108,13 @@ class Session(WebSocket):
         self.alive = False
         self.direct = False
         self.send: Callable[[bytes], None] = _nowhere
+        # A descriptor of the session's own for its socket, which the fan-out's C loop
+        # (``etherd.edge.ws._directwrite``) writes to while ``unsent()`` is 0; -1: none.
+        # Its own, so the number cannot be reused by another connection while a flush
+        # still holds this session (the transport closes its descriptor at once on an
+        # error; ``connection_lost`` comes a callback later).
+        self.fd = -1
+        self.unsent: Callable[[], int] = _nothing_unsent
         self.max_pending = cfg.max_pending_bytes
         # A replay waiting for the client to take its last piece (see ``taken``).
         self.waiter: asyncio.Future[None] | None = None
@@ -140,14 +151,17 @@ class Session(WebSocket):
         """Send a ping; a pong clears ``pinged_at``."""
         if self.transport is not None and not self.closed:
             self.ping_sent_at = now
-            self.transport.write(PING)
+            self._write(PING)
 
     # -- lifecycle -------------------------------------------------------------------------
 
     def on_open(self) -> None:
         self.alive = True
         assert self.transport is not None
-        self.send = self.transport.write
+        transport = self.transport
+        self.send = transport.write
+        self.unsent = transport.get_write_buffer_size
+        self.fd = _own_fd(transport)
         self._refresh_direct()
         self.realtime.connections.session_opened(self)
 
@@ -186,6 +200,10 @@ class Session(WebSocket):
     def on_closed(self) -> None:
         self.alive = False
         self.direct = False
+        self.drained_fd = -1
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
         if self.topics:
             self.realtime.hub.unsubscribe_all(self.topics, self)
             self.topics.clear()
@@ -205,7 +223,7 @@ class Session(WebSocket):
         transport = self.transport
         if self.closed or transport is None:
             return
-        transport.write(data)
+        self._write(data)
         if self.paused:
             if transport.get_write_buffer_size() > self.max_pending:
                 self.slow_consumer()
@@ -531,6 +549,29 @@ class Session(WebSocket):
 
 def _nowhere(data: bytes) -> None:
     """``send`` before the session is open: never called (the session is not direct)."""
+
+
+def _nothing_unsent() -> int:
+    """``unsent`` before the session is open."""
+    return 0
+
+
+def _own_fd(transport: asyncio.Transport) -> int:
+    """A duplicate of the transport's socket descriptor for the fan-out, or -1: no socket,
+    one that encrypts (its bytes must go through the transport), or fewer than half the
+    process's descriptors left (accepting connections needs them more)."""
+    if transport.get_extra_info("sslcontext") is not None:
+        return -1
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return -1
+    fd = sock.fileno()
+    if fd < 0 or fd >= resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 2:
+        return -1
+    try:
+        return os.dup(fd)
+    except OSError:
+        return -1
 
 
 def _request_id(payload: bytes) -> str | int | None:

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, cast
 
 import msgspec
 
 from etherd.core.auth import Principal, Role
 from etherd.core.config import Config
-from etherd.core.errors import Refusal
+from etherd.core.errors import PEER_GONE, Refusal
 from etherd.core.events import StoredEvent
 from etherd.core.hub import Hub, Prepared
 from etherd.core.wire import event_json
@@ -44,6 +44,10 @@ class FakeTransport:
 
     def get_write_buffer_size(self) -> int:
         return 0
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        # No socket: the fan-out's C loop must send through ``write``.
+        return default
 
     def is_closing(self) -> bool:
         return self.closing
@@ -183,6 +187,32 @@ def test_ping_and_bad_messages_are_answered_and_the_session_stays() -> None:
     assert (bad_shape["code"], bad_shape["id"]) == ("bad_request", "s1")
     assert "$.topics" in bad_shape["message"]
     assert (unknown["code"], unknown["id"]) == ("bad_request", 3)
+
+
+def test_every_write_of_the_session_makes_the_fan_out_ask_the_transport_again() -> None:
+    # The fan-out's C loop writes past the transport only while ``drained_fd`` is set; a
+    # write through the transport may leave bytes in it, which nothing may overtake.
+    async def go() -> None:
+        c = Client()
+        s = c.session
+        writes: list[Callable[[], object]] = [
+            lambda: s.ping(0.0),
+            lambda: s.write(b"frames"),
+            lambda: s.send_text(b"{}"),
+            lambda: c.send({"action": "ping", "id": 1}),
+            lambda: s.data_received(b"\x89\x80\x00\x00\x00\x00"),  # a masked PING
+        ]
+        for write in writes:
+            s.drained_fd = 5
+            write()
+            for _ in range(5):  # the reply to a command leaves with the hub's flush
+                await asyncio.sleep(0)
+            assert s.drained_fd == -1
+        s.drained_fd = 5
+        s.close(PEER_GONE)
+        assert s.drained_fd == -1 and s.fd == -1
+
+    run(go)
 
 
 def test_binary_message_closes_1003() -> None:
