@@ -11,6 +11,8 @@ setup(
             "etherd.edge.ws._directwrite",
             sources=["etherd/edge/ws/_directwrite.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra"],
+            # Without a C compiler etherd installs anyway and runs the loop in Python.
+            optional=True,
         )
     ]
 )

@@ -41,7 +41,7 @@ import msgspec
 from etherd.core.auth import Authenticator, Role
 from etherd.core.config import Config, ConfigError, check_listener, masked
 from etherd.core.errors import GOING_AWAY
-from etherd.core.hub import Hub, send_direct
+from etherd.core.hub import Hub, SendAll, send_direct
 from etherd.edge.api.common import Dispatcher, Handler, Route
 from etherd.edge.api.harness import HarnessRoutes
 from etherd.edge.api.openapi import OpenApiRoutes
@@ -57,7 +57,6 @@ from etherd.edge.ops.keyfiles import read_key_files
 from etherd.edge.ops.logs import setup_logging
 from etherd.edge.ops.metrics import Metrics
 from etherd.edge.ops.systemd import Notifier, listen_fds, watchdog_interval
-from etherd.edge.ws._directwrite import send_all
 from etherd.services.broker import Broker, LocalBroker
 from etherd.services.cluster import ClusterBroker
 from etherd.services.eventlog import EventLog
@@ -96,6 +95,23 @@ RESTART_ONLY: Final = frozenset(
 )
 
 
+def fanout_loop(config: Config) -> SendAll:
+    """The fan-out's per-subscriber loop: the C one (``etherd.edge.ws._directwrite``) unless
+    ``ws.direct_write`` is off or the package was installed without a C compiler."""
+    if not config.ws.direct_write:
+        return send_direct
+    try:
+        # Built by pip at install; optional there, so a machine without gcc still runs.
+        from etherd.edge.ws._directwrite import send_all
+    except ImportError:
+        log.warning(
+            "ws.direct_write: the C write loop is not built (no C compiler at install); "
+            "using the Python loop"
+        )
+        return send_direct
+    return send_all
+
+
 class Services:
     """Everything one etherd process runs, built and wired in one place."""
 
@@ -111,7 +127,7 @@ class Services:
         self.hub = hub = Hub(
             loop.call_soon,
             config.ws.fanout_slice,
-            send_all if config.ws.direct_write else send_direct,
+            fanout_loop(config),
         )
 
         self.store = open_store(config)

@@ -16,8 +16,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from etherd.core.config import Config, WsConfig
 from etherd.core.hub import Pending, send_direct
 from etherd.edge.ws._directwrite import send_all
+from etherd.server import fanout_loop
 
 
 class FakeSink:
@@ -235,3 +237,10 @@ def test_same_choices_as_the_python_loop(flags: list[tuple[bool, bool, bool]], d
     assert send_all(ours, data, slow_c) == send_direct(theirs, data, slow_py)  # type: ignore[arg-type]
     assert [ours.index(s) for s in slow_c] == [theirs.index(s) for s in slow_py]
     assert [s.sent for s in ours] == [s.sent for s in theirs]
+
+
+def test_the_server_runs_the_c_loop_unless_direct_write_is_off() -> None:
+    # ``make test`` installs with a C compiler, so the loop must be the compiled one here;
+    # were the (optional) build to fail, this is the test that says so.
+    assert fanout_loop(Config()) is send_all
+    assert fanout_loop(Config(ws=WsConfig(direct_write=False))) is send_direct
