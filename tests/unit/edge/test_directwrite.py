@@ -8,9 +8,13 @@ the sink's ``send``, in order, so nothing is lost or reordered.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import resource
 import socket
 import sys
 from collections.abc import Iterator
+from typing import cast
 
 import pytest
 from hypothesis import given
@@ -19,6 +23,7 @@ from hypothesis import strategies as st
 from etherd.core.config import Config, WsConfig
 from etherd.core.hub import Pending, send_direct
 from etherd.edge.ws._directwrite import send_all
+from etherd.edge.ws.session import _own_fd
 from etherd.server import fanout_loop
 
 
@@ -244,3 +249,47 @@ def test_the_server_runs_the_c_loop_unless_direct_write_is_off() -> None:
     # were the (optional) build to fail, this is the test that says so.
     assert fanout_loop(Config()) is send_all
     assert fanout_loop(Config(ws=WsConfig(direct_write=False))) is send_direct
+
+
+class SocketTransport:
+    """What ``_own_fd`` asks of a transport: its socket and whether it encrypts."""
+
+    def __init__(self, sock: socket.socket, sslcontext: object = None) -> None:
+        self.extra = {"socket": sock, "sslcontext": sslcontext}
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return self.extra.get(name, default)
+
+
+def test_a_session_gets_a_descriptor_of_its_own_for_its_socket() -> None:
+    a, b = socket.socketpair()
+    fd = _own_fd(cast(asyncio.Transport, SocketTransport(a)))
+    try:
+        assert fd not in (-1, a.fileno())
+        assert os.fstat(fd).st_ino == os.fstat(a.fileno()).st_ino
+        a.close()  # the transport's number goes; the session's still reaches the peer
+        os.write(fd, b"x")
+        assert b.recv(1) == b"x"
+    finally:
+        os.close(fd)
+        b.close()
+
+
+def test_no_descriptor_of_its_own_for_tls_or_past_half_the_limit() -> None:
+    a, b = socket.socketpair()
+    try:
+        tls = SocketTransport(a, sslcontext=object())
+        assert _own_fd(cast(asyncio.Transport, tls)) == -1
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        # The socket's number is then exactly half the limit: accepting needs the rest.
+        resource.setrlimit(resource.RLIMIT_NOFILE, (a.fileno() * 2, hard))
+        try:
+            assert _own_fd(cast(asyncio.Transport, SocketTransport(a))) == -1
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        fd = _own_fd(cast(asyncio.Transport, SocketTransport(a)))
+        assert fd not in (-1, a.fileno())
+        os.close(fd)
+    finally:
+        a.close()
+        b.close()
