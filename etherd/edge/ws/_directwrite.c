@@ -1,4 +1,4 @@
-/* The fan-out's per-subscriber loop in C: one write(2) per WebSocket subscriber.
+/* The fan-out's per-subscriber loop in C: one send(2) per WebSocket subscriber.
  *
  * The hub hands each segment's bytes to every direct subscriber (see etherd/core/hub.py).
  * In Python that costs the interpreter loop, three attribute reads and the transport's
